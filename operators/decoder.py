@@ -1,0 +1,189 @@
+"""Running a Hugging Face decoder-only language model layer by layer over a KV cache.
+
+We call the model's own decoder layers (Llama, Mistral, Qwen2, ... all share the signature)
+with our cache and masks, so in-LLM pruning (FastV now, twig-guided pruning later) can change
+the token set between layers while each layer stays HF's code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from operators.kv_cache import CacheGroup, KVCache
+from operators.pruning import top_k_indices
+
+
+@dataclass
+class Prefill:
+    """State after the prompt has been run: what decoding continues from."""
+
+    last_hidden: torch.Tensor  # [B, D] final-norm hidden state of each row's last prompt token
+    cache: KVCache
+    next_position: torch.Tensor  # [B] position id of the first generated token
+    tokens_per_layer: torch.Tensor  # [B, L] valid prompt tokens each layer processed (FLOPs/KV accounting)
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a *ForConditionalGeneration."""
+    return model.model.language_model
+
+
+def kv_geometry(lm: nn.Module) -> tuple[int, int]:
+    config = lm.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+def new_group(lm: nn.Module, layers: range, batch: int, capacity: int, like: torch.Tensor) -> CacheGroup:
+    kv_heads, head_dim = kv_geometry(lm)
+    return CacheGroup(layers, batch, kv_heads, head_dim, capacity, like.dtype, like.device)
+
+
+def run_layers(
+    lm: nn.Module,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    block_valid: torch.Tensor,
+    cache: KVCache,
+    group: CacheGroup,
+    layer_inputs: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run the group's layers on a block hidden [B, q, D] at positions [B, q]; commit it to the cache.
+
+    ``layer_inputs``, when given, receives the hidden state entering each layer (for scoring).
+    """
+    mask = group.attention_mask(block_valid)
+    position_embeddings = lm.rotary_emb(hidden, positions)
+    for index in group.layers:
+        if layer_inputs is not None:
+            layer_inputs[index] = hidden
+        out = lm.layers[index](
+            hidden,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=position_embeddings,
+        )
+        hidden = out[0] if isinstance(out, tuple) else out
+    group.advance(block_valid)
+    return hidden
+
+
+def last_token_attention(
+    lm: nn.Module, layer_index: int, layer_input: torch.Tensor, positions: torch.Tensor, group: CacheGroup
+) -> torch.Tensor:
+    """Head-mean attention of each row's last token over all keys in ``layer_index``. -> [B, S].
+
+    Recomputes only the last query row against the keys already in the cache (post-RoPE), so
+    no [B, H, S, S] map is built and the layer can stay on SDPA.
+    """
+    layer = lm.layers[layer_index]
+    attn = layer.self_attn
+    batch = layer_input.shape[0]
+    normed = layer.input_layernorm(layer_input[:, -1:])  # [B, 1, D]
+    heads = lm.config.num_attention_heads
+    kv_heads, head_dim = kv_geometry(lm)
+    q = attn.q_proj(normed).view(batch, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, Dh]
+    cos, sin = lm.rotary_emb(normed, positions[:, -1:])
+    q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+    keys = group.keys[layer_index][:, :, : group.length]  # [B, H_kv, S, Dh]
+    keys = keys.repeat_interleave(heads // kv_heads, dim=1)  # [B, H, S, Dh]
+    logits = (q.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, H, S]
+    logits = logits.masked_fill(~group.valid[:, None, : group.length], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)  # [B, S]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def fastv_keep_mask(scores: torch.Tensor, prunable: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Keep every non-prunable token plus each row's top ``keep[b]`` prunable tokens by score. -> [B, S] bool."""
+    masked = scores.masked_fill(~prunable, float("-inf"))
+    kept = ~prunable
+    for row in range(scores.shape[0]):
+        k = int(min(keep[row], prunable[row].sum()))
+        if k > 0:
+            kept[row, top_k_indices(masked[row : row + 1], k)[0]] = True
+    return kept
+
+
+def compact_rows(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gather the kept positions of each row, left-padded to the longest row.
+
+    keep [B, S] bool; tensors [B, S, ...]. Returns (valid [B, S'], *gathered tensors). Padding
+    slots repeat position 0 of the row and are marked invalid.
+    """
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    batch, length = keep.shape
+    index = torch.zeros(batch, width, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=keep.device)
+    for row in range(batch):
+        kept = keep[row].nonzero().squeeze(1)
+        index[row, width - len(kept) :] = kept
+        valid[row, width - len(kept) :] = True
+    out = [valid]
+    for tensor in tensors:
+        gather_index = index.view(batch, width, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+        out.append(torch.gather(tensor, 1, gather_index))
+    return tuple(out)
+
+
+@torch.no_grad()
+def prefill(
+    lm: nn.Module,
+    embeds: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    max_new_tokens: int,
+    prunable: torch.Tensor | None = None,
+    fastv_layer: int | None = None,
+    fastv_keep: torch.Tensor | None = None,
+) -> Prefill:
+    """Run a left-padded prompt batch. embeds [B, S, D], positions/valid/prunable [B, S].
+
+    With ``fastv_layer`` = K, layers 1..K see every token; the last token's head-mean attention in
+    layer K ranks the prunable (visual) tokens, and layers K+1..L see only non-prunable tokens plus
+    the top ``fastv_keep[b]`` prunable ones, at their original positions.
+    """
+    batch, length, _ = embeds.shape
+    n_layers = len(lm.layers)
+    split = n_layers if fastv_layer is None else fastv_layer
+    if not 1 <= split <= n_layers:
+        raise ValueError(f"fastv layer K must be in 1..{n_layers}, got {fastv_layer}")
+    early = new_group(lm, range(0, split), batch, length + max_new_tokens, embeds)
+    groups = [early]
+    cache = KVCache(groups)
+    tokens_per_layer = valid.sum(dim=1, keepdim=True).repeat(1, n_layers)
+
+    layer_inputs: dict[int, torch.Tensor] = {}
+    hidden = run_layers(lm, embeds, positions, valid, cache, early, layer_inputs)
+    if split < n_layers:
+        scores = last_token_attention(lm, split - 1, layer_inputs[split - 1], positions, early)
+        keep = fastv_keep_mask(scores, prunable & valid, fastv_keep) & valid
+        late_valid, hidden, positions = compact_rows(keep, hidden, positions)
+        late = new_group(lm, range(split, n_layers), batch, late_valid.shape[1] + max_new_tokens, embeds)
+        groups.append(late)
+        cache = KVCache(groups)
+        hidden = run_layers(lm, hidden, positions, late_valid, cache, late)
+        tokens_per_layer[:, split:] = late_valid.sum(dim=1, keepdim=True)
+    last_hidden = lm.norm(hidden[:, -1])
+    next_position = positions[:, -1] + 1
+    return Prefill(last_hidden, cache, next_position, tokens_per_layer)
+
+
+@torch.no_grad()
+def decode_step(lm: nn.Module, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One new token per row through every layer group. embeds [B, 1, D], positions [B, 1] -> [B, D]."""
+    hidden = embeds
+    block_valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+    for group in cache.groups:
+        hidden = run_layers(lm, hidden, positions, block_valid, cache, group)
+    return lm.norm(hidden[:, -1])

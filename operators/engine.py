@@ -1,0 +1,241 @@
+"""The engine: requests in, pruned batched greedy generation out, with per-sample accounting."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from operators import accounting
+from operators.adapters import RowInputs, Segments, Stream, make_adapter, placeholder_runs
+from operators.decoder import text_model
+from operators.generate import greedy_generate
+from operators.pruning import METHODS, PRE_LLM_METHODS, prune_none, prune_vispruner
+
+
+@dataclass
+class EngineConfig:
+    pruning_method: str = "none"  # one of pruning.METHODS
+    budget: int | None = None  # visual tokens kept per segment (image, crop or frame); None keeps all
+    important_ratio: float = 0.5  # VisPruner's share of the budget given to important tokens
+    fastv_layer: int = 2  # FastV's K: layers 1..K see every token
+    max_new_tokens: int = 64
+    seed: int = 0  # for the random baseline
+    pad_to_square: bool = False  # LLaVA-1.5: pad images to square like the original evaluation
+
+    def __post_init__(self):
+        if self.pruning_method not in METHODS:
+            raise ValueError(f"pruning.method: unknown {self.pruning_method!r}; allowed: {', '.join(METHODS)}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"pruning.budget must be >= 1 or null, got {self.budget}")
+        if self.pruning_method not in ("none",) and self.budget is None:
+            raise ValueError(f"pruning.budget is required for pruning.method={self.pruning_method!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Request:
+    prompt: str  # full prompt text with the <image>/<video> tag(s) in place
+    images: list = field(default_factory=list)  # PIL images
+    video: object | None = None  # [T, H, W, 3] uint8 array or list of PIL frames
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    visual_tokens_total: int  # visual tokens the unpruned model would see
+    visual_tokens_kept: int  # visual tokens in the language model after pruning (FastV: after layer K)
+    prefill_flops: float  # estimate: language model + vision tower + projector
+    kv_cache_bytes: int  # prompt KV cache of this row, all layers
+    stage_ms: dict[str, float]  # batch wall time per stage divided by the batch size
+
+
+class Engine:
+    """Holds a loaded LLaVA-family model and runs batches of requests."""
+
+    def __init__(self, model: nn.Module, processor, config: EngineConfig | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.config = config or EngineConfig()
+        self.adapter = make_adapter(model, processor, self.config.pad_to_square)
+        self.lm = text_model(model)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        generation = model.generation_config
+        eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        pad = generation.pad_token_id if generation.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request]) -> list[Result]:
+        cfg = self.config
+        times: dict[str, float] = defaultdict(float)
+        t = time.perf_counter()
+        rows = [self.adapter.preprocess(r.prompt, r.images, r.video) for r in requests]
+        times["preprocess"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        segments = self._encode(rows)
+        times["vision"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        streams, flops_extra = self._prune_and_assemble(rows, segments)
+        times["prune"] += time.perf_counter() - t
+
+        embeds, positions, valid, visual, prunable, totals, segment_counts = self._build_batch(rows, streams)
+        fastv = cfg.pruning_method == "fastv"
+        fastv_keep = None
+        if fastv:
+            budget = cfg.budget if cfg.budget is not None else 10**9
+            fastv_keep = torch.tensor([budget * n for n in segment_counts], device=self.device)
+        out = greedy_generate(
+            self.model,
+            embeds,
+            positions,
+            valid,
+            cfg.max_new_tokens,
+            self.eos_token_ids,
+            self.pad_token_id,
+            prunable=prunable,
+            fastv_layer=cfg.fastv_layer if fastv else None,
+            fastv_keep=fastv_keep,
+        )
+        times["prefill"] += out.prefill_s
+        times["decode"] += out.decode_s
+
+        batch = len(requests)
+        stage_ms = {k: 1000.0 * v / batch for k, v in times.items()}
+        results = []
+        text_count = (valid & ~visual).sum(dim=1)
+        for row in range(batch):
+            n_tokens = int(out.lengths[row])
+            ids = out.tokens[row, :n_tokens].tolist()
+            tokens_per_layer = out.prefill_state.tokens_per_layer[row].tolist()
+            # Visual tokens in the deepest layers: FastV's count is what survives layer K.
+            visual_in_llm = int(tokens_per_layer[-1] - text_count[row])
+            results.append(
+                Result(
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    token_ids=ids,
+                    visual_tokens_total=totals[row],
+                    visual_tokens_kept=visual_in_llm,
+                    prefill_flops=accounting.language_model_flops(self.lm.config, tokens_per_layer) + flops_extra[row],
+                    kv_cache_bytes=accounting.kv_cache_bytes(self.lm.config, tokens_per_layer, embeds.element_size()),
+                    stage_ms=dict(stage_ms),
+                )
+            )
+        return results
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def _encode(self, rows: list[RowInputs]) -> list[list[Segments]]:
+        """Run each tower once over every media item of its kind in the batch."""
+        encoded: list[list[Segments | None]] = [[None] * len(row.media) for row in rows]
+        for kind in ("image", "video"):
+            items = [(r, m) for r, row in enumerate(rows) for m, media in enumerate(row.media) if media.kind == kind]
+            if not items:
+                continue
+            pixels = torch.cat([rows[r].media[m].pixel_values for r, m in items]).to(self.device)
+            segs = self.adapter.encode(kind, pixels)
+            offset = 0
+            for r, m in items:
+                count = rows[r].media[m].pixel_values.shape[0]
+                encoded[r][m] = Segments(
+                    patches=segs.patches[offset : offset + count],
+                    cls_attention=segs.cls_attention[offset : offset + count],
+                    cls=None if segs.cls is None else segs.cls[offset : offset + count],
+                    grid=segs.grid,
+                )
+                offset += count
+        return encoded
+
+    def _prune_and_assemble(self, rows, segments) -> tuple[list[list[Stream]], list[float]]:
+        cfg = self.config
+        method = cfg.pruning_method
+        generator = torch.Generator().manual_seed(cfg.seed)
+        streams, extra_flops = [], []
+        for row, row_segments in zip(rows, segments, strict=True):
+            row_streams, flops = [], 0.0
+            for media, seg in zip(row.media, row_segments, strict=True):
+                budget = cfg.budget if cfg.budget is not None else seg.patches.shape[1]
+                if method == "vispruner":
+                    indices, tokens = prune_vispruner(
+                        seg.patches, seg.cls_attention, budget, important_ratio=cfg.important_ratio
+                    )
+                elif method in PRE_LLM_METHODS:
+                    indices, tokens = PRE_LLM_METHODS[method](
+                        seg.patches, seg.cls_attention, budget, grid=seg.grid, generator=generator
+                    )
+                else:  # in-LLM methods see every token here
+                    indices, tokens = prune_none(seg.patches, seg.cls_attention, budget)
+                projected = self.adapter.project(tokens)
+                row_streams.append(self.adapter.assemble(media, seg, indices, projected))
+                flops += accounting.vision_flops(self.adapter, media, seg, tokens.shape[1])
+            streams.append(row_streams)
+            extra_flops.append(flops)
+        return streams, extra_flops
+
+    def _build_batch(self, rows: list[RowInputs], streams: list[list[Stream]]):
+        """Splice each row's streams into its text embeddings and left-pad the batch."""
+        embed = self.lm.embed_tokens
+        sequences, flags, visual_flags, totals, segment_counts = [], [], [], [], []
+        placeholder_ids = self.adapter.placeholder_ids
+        for row, row_streams in zip(rows, streams, strict=True):
+            ids = row.input_ids.to(self.device)
+            runs = placeholder_runs(row.input_ids, placeholder_ids)
+            if len(runs) != len(row_streams):
+                raise ValueError(
+                    f"prompt has {len(runs)} media placeholder run(s) but {len(row_streams)} media item(s) were given"
+                )
+            text = embed(ids)
+            parts, part_flags, part_visual, cursor, total = [], [], [], 0, 0
+            for (start, end), stream in zip(runs, row_streams, strict=True):
+                parts += [text[cursor:start], stream.embeds.to(text.dtype)]
+                part_flags += [torch.zeros(start - cursor, dtype=torch.bool), stream.prunable.cpu()]
+                part_visual += [
+                    torch.zeros(start - cursor, dtype=torch.bool),
+                    torch.ones(len(stream.prunable), dtype=torch.bool),
+                ]
+                total += end - start
+                cursor = end
+            parts.append(text[cursor:])
+            part_flags.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
+            part_visual.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
+            sequences.append(torch.cat(parts))
+            flags.append(torch.cat(part_flags))
+            visual_flags.append(torch.cat(part_visual))
+            totals.append(total)
+            segment_counts.append(sum(m.pixel_values.shape[0] for m in row.media))
+            self._check_unpruned_count(row, row_streams, runs)
+        width = max(len(s) for s in sequences)
+        batch, dim = len(sequences), sequences[0].shape[-1]
+        embeds = sequences[0].new_zeros(batch, width, dim)
+        valid = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
+        prunable = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
+        visual = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
+        for b, seq in enumerate(sequences):
+            embeds[b, width - len(seq) :] = seq
+            valid[b, width - len(seq) :] = True
+            prunable[b, width - len(seq) :] = flags[b].to(self.device)
+            visual[b, width - len(seq) :] = visual_flags[b].to(self.device)
+        positions = (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 1)  # as HF generate does
+        return embeds, positions, valid, visual, prunable, totals, segment_counts
+
+    def _check_unpruned_count(self, row: RowInputs, row_streams: list[Stream], runs) -> None:
+        """Unpruned, each stream must fill its placeholder run exactly (as HF checks)."""
+        if self.config.pruning_method in ("none", "fastv"):
+            for (start, end), stream in zip(runs, row_streams, strict=True):
+                if end - start != stream.embeds.shape[0]:
+                    raise ValueError(
+                        f"{end - start} placeholder tokens but {stream.embeds.shape[0]} visual features: "
+                        "the processor and the model disagree"
+                    )

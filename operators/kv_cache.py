@@ -1,0 +1,92 @@
+"""A position-indexed KV cache whose layer groups may hold different token sets.
+
+Layers that see the same tokens form a group (with FastV: layers before K see every token,
+layers from K on see the pruned set). Each group preallocates [B, H_kv, capacity, D] buffers
+per layer and keeps one write counter and one per-row validity mask ([B, capacity]: False for
+left padding). Writing a block of q tokens happens at ``length`` in every layer of the group;
+``advance(q)`` commits it, and rolling back (e.g. rejected drafts) is just lowering ``length``.
+
+It duck-types the one method Hugging Face attention modules call, ``update(k, v, layer_idx)``,
+so HF decoder layers run unchanged on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheGroup:
+    """KV buffers for a contiguous range of layers that share token positions and validity."""
+
+    def __init__(
+        self,
+        layers: range,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.layers = layers
+        self.capacity = capacity
+        self.length = 0
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a block [B, H_kv, q, D] at ``length``; return keys/values [B, H_kv, length+q, D]."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def attention_mask(self, block_valid: torch.Tensor) -> torch.Tensor | None:
+        """Bool mask [B, 1, q, length+q] for a block of q queries appended at ``length``.
+
+        Queries see every valid cached token and, causally, the block itself. Returns None when
+        nothing needs masking (no padding, and either a fresh prefill or a single query), which
+        lets SDPA take its causal fast path exactly as Hugging Face's own forward does.
+        """
+        q = block_valid.shape[1]
+        start = self.length
+        if bool(self.valid[:, :start].all()) and bool(block_valid.all()) and (start == 0 or q == 1):
+            return None
+        keys_valid = torch.cat([self.valid[:, :start], block_valid], dim=1)  # [B, start+q]
+        col = torch.arange(start + q, device=block_valid.device)
+        row = torch.arange(q, device=block_valid.device) + start
+        causal = col[None, :] <= row[:, None]  # [q, start+q]
+        mask = keys_valid[:, None, :] & causal[None]  # [B, q, start+q]
+        # A padding query would see nothing and make SDPA return NaN; let it see itself.
+        mask[:, torch.arange(q), row] = True
+        return mask[:, None]
+
+    def advance(self, block_valid: torch.Tensor) -> None:
+        q = block_valid.shape[1]
+        self.valid[:, self.length : self.length + q] = block_valid
+        self.length += q
+
+    def nbytes_per_row(self) -> int:
+        """KV bytes one row occupies for the tokens written so far (valid or not)."""
+        sample = next(iter(self.keys.values()))
+        per_token = 2 * sample.shape[1] * sample.shape[3] * sample.element_size()
+        return per_token * self.length * len(self.layers)
+
+
+class KVCache:
+    """Layer groups plus the ``update`` hook HF attention calls."""
+
+    def __init__(self, groups: list[CacheGroup]):
+        self.groups = groups
+        self.group_of = {layer: g for g in groups for layer in g.layers}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.group_of[layer_idx].write(layer_idx, key_states, value_states)
+
+    def valid_tokens_per_row(self) -> torch.Tensor:
+        """Valid cached tokens per row summed over layers [B] (for KV-size accounting)."""
+        return sum(g.valid[:, : g.length].sum(dim=1) * len(g.layers) for g in self.groups)

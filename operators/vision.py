@@ -1,0 +1,80 @@
+"""Vision-tower features and [CLS] attention from one layer, captured by hooks.
+
+VisPruner needs the layer -2 patch features and that same layer's [CLS]->patch attention.
+Asking a Hugging Face CLIP tower for ``output_attentions`` would force eager attention and keep
+every layer's [B, H, N, N] map (about 256 MB per image for CLIP-L in fp16). Instead we hook the
+one layer: a pre-hook on its self-attention grabs the normalised input, and we recompute only
+the [CLS] query row, softmax(q_cls . K^T * scale), which is [B, H, N+1]. The tower itself keeps
+running on SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class VisionOutput:
+    features: torch.Tensor  # [B, 1+N, C] hidden states of the selected layer (CLS first)
+    cls_attention: torch.Tensor  # [B, H, N] [CLS] -> patch attention of that layer, not renormalised
+
+
+def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a CLIP-style vision tower."""
+    inner = getattr(vision_tower, "vision_model", vision_tower)
+    return inner.encoder.layers
+
+
+def resolve_layer(num_layers: int, feature_layer: int) -> int:
+    """Map HF's ``vision_feature_layer`` (an index into ``hidden_states``) to the encoder layer index.
+
+    ``hidden_states`` has num_layers + 1 entries (embeddings first), so ``hidden_states[f]`` is the
+    output of layer f-1 for f >= 1, and of layer num_layers + f for negative f.
+    """
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"only a single vision_feature_layer is supported, got {feature_layer!r}")
+    index = feature_layer - 1 if feature_layer >= 0 else num_layers + feature_layer
+    if not 0 <= index < num_layers:
+        raise ValueError(f"vision_feature_layer {feature_layer} is outside a {num_layers}-layer tower")
+    return index
+
+
+def cls_attention_row(attn: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """[CLS]-query attention probabilities of a CLIP attention module. normed [B, 1+N, C] -> [B, H, N]."""
+    batch, length, _ = normed.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, Dh]
+    k = attn.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, 1+N, Dh]
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scale  # [B, H, 1, 1+N]
+    return logits.softmax(dim=-1)[:, :, 0, 1:]  # drop CLS->CLS, no renormalisation (as the authors)
+
+
+@torch.no_grad()
+def encode_with_cls_attention(
+    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2
+) -> VisionOutput:
+    """Run the tower once and return the selected layer's hidden states and [CLS] attention."""
+    layers = encoder_layers(vision_tower)
+    layer = layers[resolve_layer(len(layers), feature_layer)]
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab_attention_input(module, args, kwargs):
+        normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        captured["cls_attention"] = cls_attention_row(module, normed)
+
+    def grab_layer_output(module, args, output):
+        captured["features"] = output[0] if isinstance(output, tuple) else output
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(grab_attention_input, with_kwargs=True),
+        layer.register_forward_hook(grab_layer_output),
+    ]
+    try:
+        vision_tower(pixel_values=pixel_values.to(vision_tower.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return VisionOutput(features=captured["features"], cls_attention=captured["cls_attention"])
