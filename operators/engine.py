@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from operators import accounting
 from operators.adapters import RowInputs, Segments, Stream, make_adapter, placeholder_runs
 from operators.decoder import text_model
 from operators.generate import greedy_generate
-from operators.pruning import METHODS, PRE_LLM_METHODS, prune_none, prune_vispruner
+from operators.pruning import METHODS, PRE_LLM_METHODS, prune_none, prune_random, prune_vispruner
 
 
 @dataclass
@@ -53,6 +54,13 @@ class Result:
     prefill_flops: float  # estimate: language model + vision tower + projector
     kv_cache_bytes: int  # prompt KV cache of this row, all layers
     stage_ms: dict[str, float]  # batch wall time per stage divided by the batch size
+
+
+def media_generator(seed: int, media) -> torch.Generator:
+    """A generator seeded by the config seed and the media's pixels, so the random baseline picks
+    the same tokens for an item whatever batch it lands in."""
+    digest = zlib.crc32(media.pixel_values.detach().cpu().float().numpy().tobytes())
+    return torch.Generator().manual_seed(seed * 1_000_003 + digest)
 
 
 class Engine:
@@ -161,7 +169,6 @@ class Engine:
     def _prune_and_assemble(self, rows, segments) -> tuple[list[list[Stream]], list[float]]:
         cfg = self.config
         method = cfg.pruning_method
-        generator = torch.Generator().manual_seed(cfg.seed)
         streams, extra_flops = [], []
         for row, row_segments in zip(rows, segments, strict=True):
             row_streams, flops = [], 0.0
@@ -171,10 +178,11 @@ class Engine:
                     indices, tokens = prune_vispruner(
                         seg.patches, seg.cls_attention, budget, important_ratio=cfg.important_ratio
                     )
-                elif method in PRE_LLM_METHODS:
-                    indices, tokens = PRE_LLM_METHODS[method](
-                        seg.patches, seg.cls_attention, budget, grid=seg.grid, generator=generator
-                    )
+                elif method in ("none", "pool"):
+                    indices, tokens = PRE_LLM_METHODS[method](seg.patches, seg.cls_attention, budget, grid=seg.grid)
+                elif method == "random":
+                    generator = media_generator(cfg.seed, media)
+                    indices, tokens = prune_random(seg.patches, seg.cls_attention, budget, generator=generator)
                 else:  # in-LLM methods see every token here
                     indices, tokens = prune_none(seg.patches, seg.cls_attention, budget)
                 projected = self.adapter.project(tokens)
@@ -239,3 +247,13 @@ class Engine:
                         f"{end - start} placeholder tokens but {stream.embeds.shape[0]} visual features: "
                         "the processor and the model disagree"
                     )
+
+
+def format_prompt(processor, question: str, kind: str = "image") -> str:
+    """A single-turn prompt with one media tag: the checkpoint's chat template when it has one,
+    else LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT:`` format."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    tag = "<video>" if kind == "video" else "<image>"
+    return f"USER: {tag}\n{question} ASSISTANT:"

@@ -31,12 +31,18 @@ PruneFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 MAX_DROP_PER_ROUND = 8
 
 
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The input's precision, at least float32: rankings then follow the caller's numbers
+    (a float64 caller gets float64 decisions) without bf16/fp16 rounding ties."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def head_mean(attention: torch.Tensor) -> torch.Tensor:
     """[B, H, N] or [B, N] -> [B, N] (mean over heads, as VisPruner and FastV do)."""
     if attention.dim() == 3:
-        return attention.float().mean(dim=1)
+        return attention.to(compute_dtype(attention)).mean(dim=1)
     if attention.dim() == 2:
-        return attention.float()
+        return attention.to(compute_dtype(attention))
     raise ValueError(f"attention must be [B, H, N] or [B, N], got shape {tuple(attention.shape)}")
 
 
@@ -63,7 +69,8 @@ def vispruner(
        attention order, by repeated rounds that split the list by position parity into A
        (even) and B (odd) and drop the ``min(8, R - T_div)`` members of A with the highest
        max-cosine similarity to B; the kept A (descending similarity) are followed by B.
-    Unlike the authors' code this works for odd residual counts.
+    Unlike the authors' code this works for odd residual counts. Scores and similarities are
+    computed in the inputs' precision (at least float32).
     """
     if features.dim() != 3:
         raise ValueError(f"features must be [B, N, C], got shape {tuple(features.shape)}")
@@ -86,7 +93,7 @@ def vispruner(
     residual = order[:, n_important:]  # [B, R], descending attention
 
     if n_diverse > 0:
-        unit = F.normalize(features.float(), dim=-1)  # [B, N, C], normalised once
+        unit = F.normalize(features.to(compute_dtype(features)), dim=-1)  # [B, N, C], normalised once
         rows = torch.arange(batch, device=device)[:, None]
         while True:
             r = min(MAX_DROP_PER_ROUND, residual.shape[1] - n_diverse)

@@ -110,11 +110,13 @@ def _image_processor_kwargs(image_size: int) -> dict:
     )
 
 
-def tiny_llava(seed: int = 0, image_size: int = 48, patch_size: int = 4, **text_overrides):
+def tiny_llava(
+    seed: int = 0, image_size: int = 48, patch_size: int = 4, vision_overrides: dict | None = None, **text_overrides
+):
     """LlavaForConditionalGeneration (LLaVA-1.5 layout: CLIP tower, layer -2, CLS dropped)."""
     tokenizer = tiny_tokenizer()
     config = LlavaConfig(
-        vision_config=tiny_vision_config(image_size, patch_size),
+        vision_config=tiny_vision_config(image_size, patch_size, **(vision_overrides or {})),
         text_config=tiny_text_config(tokenizer, **text_overrides),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,

@@ -66,9 +66,9 @@ def reference_vispruner_row(features_row, scores_row, budget, important_ratio=0.
         (kept, info) where kept is a sorted Python list of kept patch indices
         and info is a dict of debug information: "rounds" (number of diverse
         pruning rounds executed), "important" (list), "diverse" (list),
-        "drops" (list of r per round), "min_gap" (smallest gap between
-        neighbouring values in the score order or any round's similarity
-        order; a tiny value means the case is precision-sensitive).
+        "drops" (list of r per round), "score_margin" and "sim_margin"
+        (decision margins, see below; tiny values mean the case is sensitive
+        to floating-point rounding).
     """
     n = len(scores_row)
     if budget >= n:
@@ -77,7 +77,8 @@ def reference_vispruner_row(features_row, scores_row, budget, important_ratio=0.
             "important": [],
             "diverse": [],
             "drops": [],
-            "min_gap": math.inf,
+            "score_margin": math.inf,
+            "sim_margin": math.inf,
         }
 
     t_imp = int(budget * important_ratio)
@@ -90,11 +91,23 @@ def reference_vispruner_row(features_row, scores_row, budget, important_ratio=0.
 
     x_hat = _normalize_rows(features_row)
 
-    # Smallest gap between neighbours in any ordering the algorithm depends on
-    # (score order, and every round's similarity order).  Tests use it to spot
-    # inputs where float32 vs float64 rounding could legitimately flip a
-    # decision.
-    min_gap = _min_adjacent_gap([scores[p] for p in order])
+    # Decision margins (debug only, they do not influence the result): the
+    # smallest gap between two neighbouring values whose relative order
+    # changes the output.  Tests use them to tell a float32-vs-float64
+    # rounding flip on a near-tie apart from a real disagreement.
+    #   score_margin: relative gap in the score order, over the
+    #     important/residual boundary and (when diverse tokens are selected)
+    #     the whole residual order, which fixes the parity split.
+    #   sim_margin: absolute gap in a round's similarity order, over the
+    #     drop boundary and (if another round follows) the order of the kept
+    #     A elements, which fixes the next parity split.
+    score_margin = math.inf
+    first = max(t_imp - 1, 0)
+    last = n - 1 if t_div > 0 else min(t_imp, n - 1)
+    for i in range(first, last):
+        hi, lo = scores[order[i]], scores[order[i + 1]]
+        score_margin = min(score_margin, abs(hi - lo) / max(abs(hi), 1e-300))
+    sim_margin = math.inf
 
     rounds = 0
     drops = []
@@ -106,16 +119,23 @@ def reference_vispruner_row(features_row, scores_row, budget, important_ratio=0.
         group_a = residual[0::2]
         group_b = residual[1::2]
 
-        # s(a) = max over b in B of <x_hat_a, x_hat_b>.  One small matrix
-        # product per round (row i = group_a[i], column j = group_b[j]); the
-        # row-wise max is the redundancy score of each A element.
-        sim_matrix = x_hat[group_a] @ x_hat[group_b].T
+        # s(a) = max over b in B of <x_hat_a, x_hat_b>.  All dot products of
+        # the round at once (row i = group_a[i], column j = group_b[j]); the
+        # row-wise max is the redundancy score of each A element.  einsum
+        # (no BLAS) on purpose: a multi-threaded BLAS call interleaved with
+        # torch's own thread pool thrashes badly on small CPU boxes.
+        sim_matrix = np.einsum("ik,jk->ij", x_hat[group_a], x_hat[group_b])
         sims = [float(sim_matrix[i].max()) for i in range(len(group_a))]
 
         a_order = _stable_descending_order(sims)  # positions within group_a
-        min_gap = min(min_gap, _min_adjacent_gap([sims[p] for p in a_order]))
         kept_a = [group_a[p] for p in a_order[r:]]
         residual = kept_a + list(group_b)
+
+        ordered_sims = [sims[p] for p in a_order]
+        if r < len(ordered_sims):
+            sim_margin = min(sim_margin, ordered_sims[r - 1] - ordered_sims[r])
+        if len(residual) > t_div:  # another round follows
+            sim_margin = min(sim_margin, _min_adjacent_gap(ordered_sims[r:]))
 
         rounds += 1
         drops.append(r)
@@ -134,7 +154,8 @@ def reference_vispruner_row(features_row, scores_row, budget, important_ratio=0.
         "important": important,
         "diverse": diverse,
         "drops": drops,
-        "min_gap": min_gap,
+        "score_margin": score_margin,
+        "sim_margin": sim_margin,
     }
     return kept, info
 

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random-weight LLaVA-family models built from configs in code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from operators.tiny_models import BUILDERS
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """family -> (model, processor), built once per session."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = BUILDERS[family](seed=0)
+        return cache[family]
+
+    return get
+
+
+def random_image(seed: int, height: int = 40, width: int = 56) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+def random_video(seed: int, frames: int = 4, height: int = 40, width: int = 56) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.random((frames, height, width, 3)) * 255).astype("uint8")

@@ -1,0 +1,178 @@
+"""End-to-end engine behaviour on tiny random-weight models of each HF LLaVA class."""
+
+import pytest
+import torch
+
+from operators.engine import Engine, EngineConfig, Request, format_prompt
+from tests.conftest import random_image, random_video
+
+QUESTIONS = ["what is this ?", "describe the image in one two three four five words please", "red ?"]
+FAMILIES = ["llava", "llava_next", "video_llava"]
+
+
+def make_requests(family, processor, count=3, seed=0):
+    requests = []
+    for i in range(count):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        if family == "video_llava" and i % 2 == 0:
+            requests.append(Request(format_prompt(processor, question, "video"), video=random_video(seed + i)))
+        else:
+            # different sizes exercise LLaVA-NeXT's anyres grids and unpadding
+            image = random_image(seed + i, height=40 + 12 * i, width=56 - 8 * i)
+            requests.append(Request(format_prompt(processor, question), images=[image]))
+    return requests
+
+
+def hf_generate(model, adapter, request, max_new_tokens):
+    """Hugging Face's own generate on the same ids and pixels our adapter prepared."""
+    row = adapter.preprocess(request.prompt, request.images, request.video)
+    kwargs = {"input_ids": row.input_ids[None]}
+    media = row.media[0]
+    if media.kind == "video":
+        kwargs["pixel_values_videos"] = media.pixel_values[None]
+    elif adapter.family == "llava_next":
+        kwargs["pixel_values"] = media.pixel_values[None]
+        kwargs["image_sizes"] = torch.tensor([media.image_size])
+    elif adapter.family == "video_llava":
+        kwargs["pixel_values_images"] = media.pixel_values
+    else:
+        kwargs["pixel_values"] = media.pixel_values
+    out = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, row.input_ids.shape[0] :].tolist()
+
+
+def trim_after_eos(tokens, eos_ids, pad_id):
+    out = []
+    for t in tokens:
+        out.append(t)
+        if t in eos_ids:
+            break
+    while out and out[-1] == pad_id and pad_id not in eos_ids:
+        out.pop()
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpruned_batch_equals_hf_generate(tiny, family):
+    model, processor = tiny(family)
+    engine = Engine(model, processor, EngineConfig(max_new_tokens=10))
+    requests = make_requests(family, processor)
+    ours = engine.generate(requests)
+    for request, result in zip(requests, ours, strict=True):
+        reference = trim_after_eos(hf_generate(model, engine.adapter, request, 10), engine.eos_token_ids, -1)
+        assert result.token_ids == reference
+        assert result.visual_tokens_kept == result.visual_tokens_total
+
+
+def test_unpruned_equals_hf_batched_generate_with_left_padding(tiny):
+    model, processor = tiny("llava")
+    engine = Engine(model, processor, EngineConfig(max_new_tokens=8))
+    requests = make_requests("llava", processor)
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(
+        text=[r.prompt for r in requests], images=[r.images[0] for r in requests], return_tensors="pt", padding=True
+    )
+    reference = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    ours = engine.generate(requests)
+    for row, result in enumerate(ours):
+        assert result.token_ids == reference[row, : len(result.token_ids)].tolist()
+
+
+def test_eos_stops_rows_independently_like_hf(tiny):
+    model, processor = tiny("llava")
+    requests = make_requests("llava", processor)
+    free_run = Engine(model, processor, EngineConfig(max_new_tokens=8)).generate(requests)
+    stop_token = free_run[0].token_ids[2]  # a token row 0 emits third: row 0 must stop there
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = stop_token
+    try:
+        engine = Engine(model, processor, EngineConfig(max_new_tokens=8))
+        ours = engine.generate(requests)
+        for request, result in zip(requests, ours, strict=True):
+            reference = trim_after_eos(hf_generate(model, engine.adapter, request, 8), [stop_token], -1)
+            assert result.token_ids == reference
+        assert ours[0].token_ids[-1] == stop_token and len(ours[0].token_ids) <= 3
+    finally:
+        model.generation_config.eos_token_id = original
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fastv_with_nothing_pruned_equals_none(tiny, family):
+    model, processor = tiny(family)
+    requests = make_requests(family, processor)
+    none = Engine(model, processor, EngineConfig(max_new_tokens=8)).generate(requests)
+    fastv = Engine(model, processor, EngineConfig("fastv", budget=10_000, max_new_tokens=8)).generate(requests)
+    assert [r.token_ids for r in fastv] == [r.token_ids for r in none]
+    assert [r.visual_tokens_kept for r in fastv] == [r.visual_tokens_total for r in none]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["none", "vispruner", "fastv", "random", "pool"])
+def test_batch_of_mixed_lengths_equals_each_row_alone(tiny, family, method):
+    model, processor = tiny(family)
+    budget = None if method == "none" else 9
+    engine = Engine(model, processor, EngineConfig(method, budget=budget, max_new_tokens=6))
+    requests = make_requests(family, processor)
+    batched = engine.generate(requests)
+    for request, result in zip(requests, batched, strict=True):
+        alone = engine.generate([request])[0]
+        assert result.token_ids == alone.token_ids
+        assert result.visual_tokens_kept == alone.visual_tokens_kept
+
+
+@pytest.mark.parametrize("method", ["vispruner", "fastv", "random", "pool"])
+def test_deterministic(tiny, method):
+    model, processor = tiny("llava")
+    requests = make_requests("llava", processor)
+    runs = [
+        Engine(model, processor, EngineConfig(method, budget=16, max_new_tokens=6)).generate(requests) for _ in "ab"
+    ]
+    assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
+
+
+def test_accounting_counts_and_savings(tiny):
+    model, processor = tiny("llava")  # 12x12 = 144 patches per image
+    requests = make_requests("llava", processor, count=2)
+    none = Engine(model, processor, EngineConfig(max_new_tokens=4)).generate(requests)
+    pruned = Engine(model, processor, EngineConfig("vispruner", budget=16, max_new_tokens=4)).generate(requests)
+    fastv = Engine(model, processor, EngineConfig("fastv", budget=16, max_new_tokens=4)).generate(requests)
+    for a, b, c in zip(none, pruned, fastv, strict=True):
+        assert a.visual_tokens_total == b.visual_tokens_total == c.visual_tokens_total == 144
+        assert (a.visual_tokens_kept, b.visual_tokens_kept, c.visual_tokens_kept) == (144, 16, 16)
+        assert b.prefill_flops < c.prefill_flops < a.prefill_flops
+        layers = model.config.text_config.num_hidden_layers
+        per_token = 2 * 2 * 16 * 4  # K and V, 2 kv heads, head dim 16, fp32
+        assert a.kv_cache_bytes - b.kv_cache_bytes == (144 - 16) * layers * per_token
+        assert set(a.stage_ms) == {"preprocess", "vision", "prune", "prefill", "decode"}
+
+
+def test_next_budget_is_per_crop_and_newlines_are_kept(tiny):
+    model, processor = tiny("llava_next")
+    request = make_requests("llava_next", processor, count=1)[0]
+    engine = Engine(model, processor, EngineConfig("vispruner", budget=5, max_new_tokens=2))
+    row = engine.adapter.preprocess(request.prompt, request.images)
+    crops = row.media[0].pixel_values.shape[0]
+    result = engine.generate([request])[0]
+    none = Engine(model, processor, EngineConfig(max_new_tokens=2)).generate([request])[0]
+    side = 8  # 32 px / 4 px patches
+    # every unpadded grid row ends in a newline; the base crop has none, the budget applies per crop
+    newlines = (none.visual_tokens_total - side * side) // (side + 1) if crops > 1 else 1
+    assert newlines > 0
+    assert result.visual_tokens_kept <= 5 * crops + newlines
+    assert result.visual_tokens_kept >= 5 + newlines  # base crop always keeps its full budget
+
+
+def test_video_llava_keeps_each_frames_cls(tiny):
+    model, processor = tiny("video_llava")
+    video = random_video(3, frames=4)
+    request = Request(format_prompt(processor, "what moves ?", "video"), video=video)
+    result = Engine(model, processor, EngineConfig("vispruner", budget=6, max_new_tokens=2)).generate([request])[0]
+    assert result.visual_tokens_total == 4 * (64 + 1)
+    assert result.visual_tokens_kept == 4 * (6 + 1)
+
+
+def test_config_rejects_unknown_method_and_missing_budget():
+    with pytest.raises(ValueError, match="allowed: none, vispruner, random, pool, fastv"):
+        EngineConfig("tome", budget=4)
+    with pytest.raises(ValueError, match="budget is required"):
+        EngineConfig("vispruner")
