@@ -28,6 +28,7 @@ class MediaInput:
     kind: str  # "image" or "video"
     pixel_values: torch.Tensor  # [segments, 3, H, W]
     image_size: tuple[int, int] | None = None  # original (H, W), LLaVA-NeXT only
+    tokens: int | None = None  # placeholder tokens it fills unpruned; None: its whole placeholder run
 
 
 @dataclass
@@ -81,17 +82,35 @@ def to_frames(video) -> list[Image.Image]:
     return [frame.convert("RGB") for frame in video]
 
 
-def placeholder_runs(input_ids: torch.Tensor, token_ids: set[int]) -> list[tuple[int, int]]:
-    """(start, end) of each maximal run of placeholder ids in a 1-D id tensor."""
-    is_placeholder = torch.tensor([int(t) in token_ids for t in input_ids.tolist()], dtype=torch.bool)
+def placeholder_spans(input_ids: torch.Tensor, token_ids: set[int], media: list[MediaInput]) -> list[tuple[int, int]]:
+    """(start, end) of the placeholders each media item fills, in prompt order.
+
+    Adjacent tags (several frames, ``<image><image>``) form one run of placeholder ids, so an item
+    with a known ``tokens`` count takes that many; an item without one takes a whole run.
+    """
+    flags = [int(t) in token_ids for t in input_ids.tolist()]
     runs, start = [], None
-    for i, flag in enumerate(is_placeholder.tolist() + [False]):
+    for i, flag in enumerate(flags + [False]):
         if flag and start is None:
             start = i
         elif not flag and start is not None:
-            runs.append((start, i))
+            runs.append([start, i])
             start = None
-    return runs
+    spans = []
+    for item in media:
+        if not runs:
+            raise ValueError(f"prompt has fewer media placeholders than the {len(media)} media item(s) given")
+        run = runs[0]
+        take = item.tokens if item.tokens is not None else run[1] - run[0]
+        if take > run[1] - run[0]:
+            raise ValueError(f"a media item needs {take} placeholder tokens but the prompt has {run[1] - run[0]} there")
+        spans.append((run[0], run[0] + take))
+        run[0] += take
+        if run[0] == run[1]:
+            runs.pop(0)
+    if runs:
+        raise ValueError(f"prompt has more media placeholders than the {len(media)} media item(s) given")
+    return spans
 
 
 class LlavaAdapter:
@@ -122,11 +141,25 @@ class LlavaAdapter:
         return {"image": self.model.model.vision_tower}
 
     def preprocess(self, prompt: str, images=(), video=None) -> RowInputs:
+        images = list(images)
         if video is not None:
-            raise ValueError(f"{self.family} models take images, not video")
-        inputs = self.processor(text=prompt, images=list(images) or None, return_tensors="pt")
-        media = [MediaInput("image", inputs["pixel_values"][i : i + 1]) for i in range(len(images))]
+            # Image-only LLaVA models see a video as its frames, one <image> each (as video LLaVA
+            # variants built on image models do); the budget then applies per frame.
+            if images:
+                raise ValueError(f"{self.family}: a request carries either images or a video, not both")
+            images = to_frames(video)
+            prompt = prompt.replace("<video>", "<image>" * len(images))
+        inputs = self.processor(text=prompt, images=images or None, return_tensors="pt")
+        per_image = self.tokens_per_segment(inputs["pixel_values"]) if images else 0
+        media = [MediaInput("image", inputs["pixel_values"][i : i + 1], tokens=per_image) for i in range(len(images))]
         return RowInputs(inputs["input_ids"][0], media)
+
+    def tokens_per_segment(self, pixel_values: torch.Tensor, keep_cls: bool | None = None) -> int:
+        """Visual tokens one image or frame contributes unpruned: its patches (+ CLS if kept)."""
+        patch = self.config.vision_config.patch_size
+        height, width = pixel_values.shape[-2:]
+        keep = self.keep_cls if keep_cls is None else keep_cls
+        return (height // patch) * (width // patch) + int(keep)
 
     def encode(self, kind: str, pixel_values: torch.Tensor) -> Segments:
         out = encode_with_cls_attention(self.towers()[kind], pixel_values, self.feature_layer)
@@ -236,12 +269,14 @@ class VideoLlavaAdapter(LlavaAdapter):
         if images:
             pixels = image_processor(images=list(images), return_tensors="pt", return_legacy_image_output=False)
             pixel_values = pixels["pixel_values"]
-            media += [MediaInput("image", pixel_values[i : i + 1]) for i in range(len(images))]
+            tokens = self.tokens_per_segment(pixel_values)
+            media += [MediaInput("image", pixel_values[i : i + 1], tokens=tokens) for i in range(len(images))]
             prompt = prompt.replace(image_token, image_token * per_image)
         if video is not None:
             frames = to_frames(video)
             pixels = image_processor(images=frames, return_tensors="pt", return_legacy_image_output=False)
-            media.append(MediaInput("video", pixels["pixel_values"]))
+            frame_tokens = self.tokens_per_segment(pixels["pixel_values"], keep_cls=True)
+            media.append(MediaInput("video", pixels["pixel_values"], tokens=frame_tokens * len(frames)))
             prompt = prompt.replace(video_token, video_token * (self.tokens_per_frame() * len(frames)))
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
         return RowInputs(ids, media)

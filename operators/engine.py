@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from operators import accounting
-from operators.adapters import RowInputs, Segments, Stream, make_adapter, placeholder_runs
+from operators.adapters import RowInputs, Segments, Stream, make_adapter, placeholder_spans
 from operators.decoder import text_model
 from operators.generate import greedy_generate
 from operators.pruning import METHODS, PRE_LLM_METHODS, prune_none, prune_random, prune_vispruner
@@ -199,11 +199,7 @@ class Engine:
         placeholder_ids = self.adapter.placeholder_ids
         for row, row_streams in zip(rows, streams, strict=True):
             ids = row.input_ids.to(self.device)
-            runs = placeholder_runs(row.input_ids, placeholder_ids)
-            if len(runs) != len(row_streams):
-                raise ValueError(
-                    f"prompt has {len(runs)} media placeholder run(s) but {len(row_streams)} media item(s) were given"
-                )
+            runs = placeholder_spans(row.input_ids, placeholder_ids, row.media)
             text = embed(ids)
             parts, part_flags, part_visual, cursor, total = [], [], [], 0, 0
             for (start, end), stream in zip(runs, row_streams, strict=True):
@@ -251,9 +247,14 @@ class Engine:
 
 def format_prompt(processor, question: str, kind: str = "image") -> str:
     """A single-turn prompt with one media tag: the checkpoint's chat template when it has one,
-    else LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT:`` format."""
+    else LLaVA-1.5's format (:func:`format_prompt_text`)."""
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return format_prompt_text(question, kind)
+
+
+def format_prompt_text(question: str, kind: str = "image") -> str:
+    """LLaVA-1.5's ``USER: <image>\n{question} ASSISTANT:`` (``<video>`` for a video)."""
     tag = "<video>" if kind == "video" else "<image>"
     return f"USER: {tag}\n{question} ASSISTANT:"

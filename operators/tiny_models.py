@@ -38,8 +38,14 @@ WORDS = (
 
 
 def tiny_tokenizer(extra_words: int = 200) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with LLaVA's special tokens; unknown words map to <unk>."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS + [f"w{i}" for i in range(extra_words)])}
+    """A word-level tokenizer over a small English word list plus filler words."""
+    return word_tokenizer(WORDS + [f"w{i}" for i in range(extra_words)])
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with LLaVA's special tokens (whitespace and punctuation split);
+    unknown words map to <unk>."""
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIAL + list(words)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]

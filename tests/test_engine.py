@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from PIL import Image
 
 from operators.engine import Engine, EngineConfig, Request, format_prompt
 from tests.conftest import random_image, random_video
@@ -176,3 +177,17 @@ def test_config_rejects_unknown_method_and_missing_budget():
         EngineConfig("tome", budget=4)
     with pytest.raises(ValueError, match="budget is required"):
         EngineConfig("vispruner")
+
+
+def test_llava_sees_a_video_as_frames_with_a_budget_per_frame(tiny):
+    model, processor = tiny("llava")  # 144 patches per frame
+    video = random_video(5, frames=3)
+    request = Request(format_prompt(processor, "what moves ?", "video"), video=video)
+    none = Engine(model, processor, EngineConfig(max_new_tokens=3)).generate([request])[0]
+    pruned = Engine(model, processor, EngineConfig("vispruner", budget=10, max_new_tokens=3)).generate([request])[0]
+    assert (none.visual_tokens_total, none.visual_tokens_kept) == (3 * 144, 3 * 144)
+    assert pruned.visual_tokens_kept == 3 * 10
+    # the same frames given as three images in one prompt produce the same answer
+    frames = [Image.fromarray(f) for f in video]
+    as_images = Request(format_prompt(processor, "what moves ?").replace("<image>", "<image>" * 3), images=frames)
+    assert Engine(model, processor, EngineConfig(max_new_tokens=3)).generate([as_images])[0].token_ids == none.token_ids

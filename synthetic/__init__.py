@@ -1,0 +1,1 @@
+"""Shapes world: a synthetic image/video QA corpus with known ground truth."""
