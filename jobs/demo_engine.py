@@ -1,95 +1,77 @@
-"""Engine demo: every pruning method on a few generated images, with tokens kept and timings.
+"""Engine demo: the shipped demo model on a few generated shapes-world images and videos.
 
-Until the trained demo model and the Ray job land, this runs the engine directly on a small
-random-weight LLaVA-1.5-layout checkpoint (saved and reloaded through the real loader), so its
-captions are noise; the token counts, FLOPs and timings are real.
+For each pruning method at 1/9 of the visual tokens (plus `none`), prints the caption of the
+first image, QA accuracy over the sample, visual tokens kept, and time per item. Until the Ray
+job lands (issue 5) this runs the engine directly.
 
-    python jobs/demo_engine.py [--out demo_out] [--budget-fraction 0.111]
+    python jobs/demo_engine.py [--model models/shapes-llava] [--out demo_out] [--seed 4242]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from synthetic.world import iter_items  # noqa: E402
 
 from operators.engine import Engine, EngineConfig, Request, format_prompt  # noqa: E402
 from operators.loading import load_vlm  # noqa: E402
 from operators.pruning import METHODS  # noqa: E402
-from operators.tiny_models import save_tiny  # noqa: E402
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
-
-
-def shapes_image(seed: int, size: int = 96) -> Image.Image:
-    """Small coloured shapes on a noisy background."""
-    rng = np.random.default_rng(seed)
-    background = (rng.normal(128, 20, (size, size, 3))).clip(0, 255).astype("uint8")
-    image = Image.fromarray(background)
-    draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(2, 5)):
-        colour = list(COLOURS.values())[rng.integers(len(COLOURS))]
-        x, y = rng.integers(4, size - 20, 2)
-        s = int(rng.integers(8, 18))
-        if rng.random() < 0.5:
-            draw.ellipse([x, y, x + s, y + s], fill=colour)
-        else:
-            draw.rectangle([x, y, x + s, y + s], fill=colour)
-    return image
+from synthetic.demo_model import CAPTION_PROMPT  # noqa: E402
+from synthetic.evaluate import accuracy_by_type, answer_questions, media_for  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/shapes-llava")
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
-    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=4242, help="seed of the generated sample (not a training seed)")
+    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--videos", type=int, default=6)
     parser.add_argument("--budget-fraction", type=float, default=1 / 9, help="share of visual tokens kept")
-    parser.add_argument("--max-new-tokens", type=int, default=12)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    image_dir = args.out / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    images = []
-    for i in range(args.images):
-        image = shapes_image(i)
-        image.save(image_dir / f"shapes_{i:03d}.png")
-        images.append(image)
-    checkpoint = save_tiny("llava", args.out / "tiny-llava", seed=0, image_size=96, patch_size=8)
-    model, processor = load_vlm(checkpoint)
-    requests = [Request(format_prompt(processor, "describe the image ."), images=[im]) for im in images]
-    patches = (96 // 8) ** 2
+    torch.set_num_threads(2)
+    model, processor = load_vlm(args.model)
+    card = json.loads((Path(args.model) / "training_report.json").read_text())
+    frames = card["model"]["frames_per_video"]
+    items = list(iter_items(args.seed, args.images, "image")) + list(iter_items(args.seed, args.videos, "video"))
+    sample_dir = args.out / "sample"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    for item in items:
+        Image.fromarray(item.frames[0]).save(sample_dir / f"{item.item_id}.png")
+    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     budget = max(1, round(patches * args.budget_fraction))
-    print(f"model: {checkpoint} (random weights: captions are noise until the demo model lands)")
-    print(f"images: {image_dir} ({len(images)}), {patches} visual tokens each, budget {budget} per image\n")
-    header = (
-        f"{'method':<10} {'kept/total':>10} {'prefill ms':>10} {'total ms':>9} {'GFLOPs':>8} {'KV KiB':>7}"
-        "  first output"
-    )
+    first = items[0]
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    print(f"sample: {args.images} images + {args.videos} videos (seed {args.seed}), first frames in {sample_dir}/")
+    print(f"budget: {budget} of {patches} visual tokens per frame for the pruning methods\n")
+    print(f"truth ({first.item_id}): {first.caption}\n")
+    header = f"{'method':<10} {'kept/total':>10} {'QA acc':>7} {'ms/question':>11}  caption of {first.item_id}"
     print(header)
     print("-" * len(header))
     for method in METHODS:
-        config = EngineConfig(method, budget=None if method == "none" else budget, max_new_tokens=args.max_new_tokens)
+        config = EngineConfig(method, budget=None if method == "none" else budget, max_new_tokens=96)
         engine = Engine(model, processor, config)
-        engine.generate(requests[:1])  # warm-up
+        caption = engine.generate(
+            [Request(format_prompt(processor, CAPTION_PROMPT["image"]), **media_for(first, frames))]
+        )[0]
+        engine.config = EngineConfig(method, budget=config.budget, max_new_tokens=4)
         t0 = time.perf_counter()
-        results = engine.generate(requests)
-        total_ms = 1000 * (time.perf_counter() - t0) / len(requests)
-        r = results[0]
-        prefill = sum(x.stage_ms["prefill"] for x in results) / len(results)
-        flops = sum(x.prefill_flops for x in results) / len(results) / 1e9
-        kv = sum(x.kv_cache_bytes for x in results) / len(results) / 1024
-        print(
-            f"{method:<10} {r.visual_tokens_kept:>4}/{r.visual_tokens_total:<5} {prefill:>10.1f} {total_ms:>9.1f} "
-            f"{flops:>8.3f} {kv:>7.1f}  {r.text[:40]!r}"
-        )
-    print(f"\nper-item averages over {len(requests)} images; images and checkpoint are under {args.out}/")
+        records = answer_questions(engine, items, frames)
+        per_question = 1000 * (time.perf_counter() - t0) / len(records)
+        accuracy = accuracy_by_type(records)["all"]
+        kept = f"{caption.visual_tokens_kept}/{caption.visual_tokens_total}"
+        print(f"{method:<10} {kept:>10} {accuracy:>7.3f} {per_question:>11.1f}  {caption.text}")
+    print(f"\n{len(records)} questions per method; normalised exact match against the generator's answers")
 
 
 if __name__ == "__main__":

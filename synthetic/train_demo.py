@@ -1,0 +1,267 @@
+"""Training the demo VLM on the shapes world, in two stages, on a CPU.
+
+Stage 1: contrastive image-caption pretraining (CLIP's symmetric InfoNCE) of a small ViT with a
+[CLS] token against a small causal text transformer, so the tower's features, and its [CLS]
+attention, are about the objects captions mention.
+
+Stage 2: LLaVA-style training of the projector and a small Llama from scratch on captions and
+QA pairs, next-token loss on the answer tokens only, with the tower frozen (as LLaVA does). Because
+the tower is frozen, its layer -2 patch features are computed once and cached, which is what makes
+this fit a 2-core CPU. Videos are fed as ``frames_per_video`` uniformly sampled frames, one
+``<image>`` each.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPTextModel, CLIPVisionModel, LlavaForConditionalGeneration
+
+from operators.engine import format_prompt_text
+from operators.vision import encode_with_cls_attention
+from synthetic.demo_model import CAPTION_PROMPT, DemoModelConfig, build_llava, clip_text_config, vision_config
+from synthetic.world import Item, WorldConfig, make_item, sample_frame_indices
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    stage1_images: int = 8000
+    stage1_steps: int = 300
+    stage1_batch: int = 128
+    stage1_lr: float = 2e-3
+    stage2_images: int = 12000
+    stage2_videos: int = 3000
+    stage2_steps: int = 1000
+    stage2_image_batch: int = 48
+    stage2_video_batch: int = 12
+    stage2_lr: float = 1.5e-3
+    video_share: float = 0.35  # share of stage-2 steps that are video batches
+    caption_share: float = 0.3  # share of sequences that are captions rather than QA
+    warmup: int = 40
+    log_every: int = 25
+
+
+def pixel_tensor(frames: np.ndarray, image_processor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] frames already at the model's size -> normalised [N, 3, H, W].
+
+    Equal to what the checkpoint's image processor produces for such frames (resize and crop are
+    no-ops at the native size; tested), without a PIL round trip per frame.
+    """
+    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() * image_processor.rescale_factor
+    return (x - mean) / std
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --- stage 1 -------------------------------------------------------------------------------------
+
+
+class ContrastivePair(nn.Module):
+    """Vision tower + text tower + projections + temperature, trained with CLIP's loss."""
+
+    def __init__(self, vision: CLIPVisionModel, text: CLIPTextModel, dim: int):
+        super().__init__()
+        self.vision = vision
+        self.text = text
+        self.visual_projection = nn.Linear(vision.config.hidden_size, dim, bias=False)
+        self.text_projection = nn.Linear(text.config.hidden_size, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        image = self.visual_projection(self.vision(pixel_values=pixels).pooler_output)
+        hidden = self.text(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = mask.sum(dim=1) - 1  # each caption ends with </s>: pool there
+        text = self.text_projection(hidden[torch.arange(len(ids)), last])
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T
+        target = torch.arange(len(ids))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def encode_captions(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenizer([c + " </s>" for c in captions], padding=True, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def train_stage1(
+    tokenizer, image_processor, world: WorldConfig, model_cfg: DemoModelConfig, cfg: TrainConfig, log: Log
+) -> CLIPVisionModel:
+    torch.manual_seed(cfg.seed)
+    log(f"stage 1: rendering {cfg.stage1_images} images")
+    items = [make_item(cfg.seed, i, "image", world) for i in range(cfg.stage1_images)]
+    pixels = pixel_tensor(np.stack([it.frames[0] for it in items]), image_processor)
+    ids, mask = encode_captions(tokenizer, [it.caption for it in items])
+    vision = CLIPVisionModel(vision_config(world, model_cfg))
+    text = CLIPTextModel(clip_text_config(tokenizer, model_cfg))
+    pair = ContrastivePair(vision, text, model_cfg.vision_width).train()
+    optimizer = torch.optim.AdamW(pair.parameters(), lr=cfg.stage1_lr, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = time.perf_counter()
+    for step in range(cfg.stage1_steps):
+        set_lr(optimizer, cosine_lr(step, cfg.stage1_steps, cfg.stage1_lr, cfg.warmup))
+        batch = torch.randperm(len(items), generator=generator)[: cfg.stage1_batch]
+        width = int(mask[batch].sum(dim=1).max())
+        loss = pair(pixels[batch], ids[batch, :width], mask[batch, :width])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(pair.parameters(), 1.0)
+        optimizer.step()
+        if step % cfg.log_every == 0 or step == cfg.stage1_steps - 1:
+            log(
+                f"stage 1 step {step:4d}/{cfg.stage1_steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)"
+            )
+    return vision.eval()
+
+
+# --- stage 2 -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    frames: list[int]  # rows of the feature cache, one per frame (one for images)
+    kind: str
+    prompt: str
+    answer: str
+
+
+def examples_for(item: Item, rows: list[int], rng: random.Random, caption_share: float) -> list[Example]:
+    """Every QA pair of the item, plus its caption with probability ``caption_share`` per QA."""
+
+    def prompt(text: str) -> str:
+        # what the engine's adapter builds at inference: a video's tag becomes one <image> per frame
+        return format_prompt_text(text, item.kind).replace("<video>", "<image>" * len(rows))
+
+    out = [Example(rows, item.kind, prompt(qa.question), qa.answer) for qa in item.qa]
+    captions = max(1, sum(rng.random() < caption_share for _ in item.qa))
+    out += [Example(rows, item.kind, prompt(CAPTION_PROMPT[item.kind]), item.caption) for _ in range(captions)]
+    return out
+
+
+def sampled_frames(item: Item, count: int) -> np.ndarray:
+    if item.kind == "image":
+        return item.frames[:1]
+    return item.frames[sample_frame_indices(len(item.frames), count)]
+
+
+@torch.no_grad()
+def cache_features(vision: CLIPVisionModel, frames: np.ndarray, image_processor, batch: int = 512) -> torch.Tensor:
+    """Layer -2 patch features (CLS dropped) of every frame: [N, patches, C] in bfloat16."""
+    out = []
+    for start in range(0, len(frames), batch):
+        pixels = pixel_tensor(frames[start : start + batch], image_processor)
+        out.append(encode_with_cls_attention(vision, pixels, -2).features[:, 1:].to(torch.bfloat16))
+    return torch.cat(out)
+
+
+def build_sequences(tokenizer, examples: list[Example], image_token_id: int, tokens_per_frame: int):
+    """Token ids (image placeholders expanded), labels (answer + </s> only) and masks, right-padded."""
+    seqs, labels = [], []
+    for ex in examples:
+        prompt = ex.prompt.replace("<image>", "<image>" * tokens_per_frame)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(prompt_ids + answer_ids)
+        labels.append([-100] * len(prompt_ids) + answer_ids)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+    target = torch.full((len(seqs), width), -100)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        target[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(s)] = 1
+    assert bool((ids == image_token_id).any()), "no image placeholders in a training batch"
+    return ids, target, mask
+
+
+def lm_loss(llava: LlavaForConditionalGeneration, ids, target, mask, features: torch.Tensor) -> torch.Tensor:
+    """Next-token loss with projected cached features spliced over the placeholders."""
+    embeds = llava.model.language_model.embed_tokens(ids)
+    projected = llava.model.multi_modal_projector(features.float())  # [frames, patches, D]
+    placeholder = ids == llava.config.image_token_id
+    embeds = embeds.masked_scatter(placeholder[..., None], projected.reshape(-1, projected.shape[-1]))
+    hidden = llava.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    logits = llava.lm_head(hidden[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def train_stage2(
+    tokenizer,
+    image_processor,
+    vision: CLIPVisionModel,
+    world: WorldConfig,
+    model_cfg: DemoModelConfig,
+    cfg: TrainConfig,
+    log: Log,
+) -> LlavaForConditionalGeneration:
+    torch.manual_seed(cfg.seed + 1)
+    rng = random.Random(cfg.seed + 1)
+    log(f"stage 2: rendering {cfg.stage2_images} images and {cfg.stage2_videos} videos")
+    frames, pools = [], {"image": [], "video": []}
+    for kind, count in (("image", cfg.stage2_images), ("video", cfg.stage2_videos)):
+        for i in range(count):
+            # Stage 2 uses items stage 1 never saw (indices offset past stage 1's).
+            item = make_item(cfg.seed, cfg.stage1_images + i, kind, world)
+            picked = sampled_frames(item, model_cfg.frames_per_video)
+            rows = list(range(len(frames), len(frames) + len(picked)))
+            frames.extend(picked)
+            pools[kind].extend(examples_for(item, rows, rng, cfg.caption_share))
+    log(f"stage 2: caching layer -2 features of {len(frames)} frames")
+    t0 = time.perf_counter()
+    features = cache_features(vision, np.stack(frames), image_processor)
+    log(
+        f"stage 2: cached {tuple(features.shape)} in {time.perf_counter() - t0:.0f}s; "
+        f"{len(pools['image'])} image and {len(pools['video'])} video sequences"
+    )
+
+    llava = build_llava(tokenizer, world, model_cfg)
+    llava.model.vision_tower.load_state_dict(vision.state_dict())
+    llava.model.vision_tower.requires_grad_(False)
+    trainable = [p for n, p in llava.named_parameters() if not n.startswith("model.vision_tower")]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.stage2_lr, weight_decay=0.0)
+    llava.train()
+    tokens_per_frame = (world.image_size // model_cfg.patch_size) ** 2
+    start, running = time.perf_counter(), []
+    for step in range(cfg.stage2_steps):
+        set_lr(optimizer, cosine_lr(step, cfg.stage2_steps, cfg.stage2_lr, cfg.warmup))
+        kind = "video" if rng.random() < cfg.video_share else "image"
+        size = cfg.stage2_video_batch if kind == "video" else cfg.stage2_image_batch
+        batch = rng.sample(pools[kind], size)
+        ids, target, mask = build_sequences(tokenizer, batch, llava.config.image_token_id, tokens_per_frame)
+        rows = torch.tensor([r for ex in batch for r in ex.frames])
+        loss = lm_loss(llava, ids, target, mask, features[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        running.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.stage2_steps - 1:
+            log(
+                f"stage 2 step {step:4d}/{cfg.stage2_steps} loss {np.mean(running):.3f} "
+                f"({time.perf_counter() - start:.0f}s)"
+            )
+            running = []
+    return llava.eval()
