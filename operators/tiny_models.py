@@ -108,7 +108,8 @@ def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _image_processor_kwargs(image_size: int) -> dict:
+def square_image_kwargs(image_size: int) -> dict:
+    """Image-processor sizes for square inputs of ``image_size`` pixels."""
     return dict(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -129,14 +130,10 @@ def tiny_llava(
         vision_feature_select_strategy="default",
     )
     model = _finish(LlavaForConditionalGeneration(config), seed)
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(**_image_processor_kwargs(image_size)),
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+    processor = llava_processor(
+        LlavaProcessor, LlavaImageProcessorPil(**square_image_kwargs(image_size)), tokenizer, patch_size
     )
-    _copy_generation_ids(model, tokenizer)
+    copy_generation_ids(model, tokenizer)
     return model, processor
 
 
@@ -153,15 +150,9 @@ def tiny_llava_next(seed: int = 0, image_size: int = 32, patch_size: int = 4, **
         vision_feature_select_strategy="default",
     )
     model = _finish(LlavaNextForConditionalGeneration(config), seed)
-    image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, **_image_processor_kwargs(image_size))
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    _copy_generation_ids(model, tokenizer)
+    image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pinpoints, **square_image_kwargs(image_size))
+    processor = llava_processor(LlavaNextProcessor, image_processor, tokenizer, patch_size)
+    copy_generation_ids(model, tokenizer)
     return model, processor
 
 
@@ -179,12 +170,24 @@ def tiny_video_llava(seed: int = 0, image_size: int = 32, patch_size: int = 4, *
         vision_feature_select_strategy="default",
     )
     model = _finish(VideoLlavaForConditionalGeneration(config), seed)
-    processor = FrameProcessor(tokenizer, VideoLlavaImageProcessor(**_image_processor_kwargs(image_size)))
-    _copy_generation_ids(model, tokenizer)
+    processor = FrameProcessor(tokenizer, VideoLlavaImageProcessor(**square_image_kwargs(image_size)))
+    copy_generation_ids(model, tokenizer)
     return model, processor
 
 
-def _copy_generation_ids(model, tokenizer) -> None:
+def llava_processor(processor_cls, image_processor, tokenizer, patch_size: int):
+    """A LLaVA(-NeXT) processor that expands <image> to the patch count (CLS dropped, as LLaVA does)."""
+    return processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def copy_generation_ids(model, tokenizer) -> None:
+    """Make ``generate`` stop and pad with the tokenizer's special ids."""
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from operators.tiny_models import word_tokenizer
+from operators.tiny_models import copy_generation_ids, llava_processor, square_image_kwargs, word_tokenizer
 from synthetic.world import WorldConfig, vocabulary
 
 # Words of the prompts the demo model is trained and served with (besides the world's own).
@@ -53,17 +53,8 @@ def build_tokenizer(world: WorldConfig = WorldConfig()) -> PreTrainedTokenizerFa
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, world: WorldConfig, model: DemoModelConfig) -> LlavaProcessor:
-    size = world.image_size
-    image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=model.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    image_processor = LlavaImageProcessorPil(**square_image_kwargs(world.image_size))
+    return llava_processor(LlavaProcessor, image_processor, tokenizer, model.patch_size)
 
 
 def vision_config(world: WorldConfig, model: DemoModelConfig) -> CLIPVisionConfig:
@@ -118,8 +109,5 @@ def llava_config(tokenizer: PreTrainedTokenizerFast, world: WorldConfig, model: 
 
 def build_llava(tokenizer, world: WorldConfig, model: DemoModelConfig) -> LlavaForConditionalGeneration:
     llava = LlavaForConditionalGeneration(llava_config(tokenizer, world, model))
-    generation = llava.generation_config
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    generation.bos_token_id = tokenizer.bos_token_id
+    copy_generation_ids(llava, tokenizer)
     return llava
