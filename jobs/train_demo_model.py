@@ -20,12 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synthetic.world import WorldConfig, iter_items  # noqa: E402
-
 from operators.engine import Engine, EngineConfig  # noqa: E402
 from synthetic.demo_model import DemoModelConfig, build_processor, build_tokenizer  # noqa: E402
 from synthetic.evaluate import accuracy_by_type, answer_questions  # noqa: E402
 from synthetic.train_demo import TrainConfig, train_stage1, train_stage2  # noqa: E402
+from synthetic.world import WorldConfig, iter_items  # noqa: E402
 
 QUICK = TrainConfig(
     stage1_images=64,
@@ -58,6 +57,40 @@ def held_out_report(model, processor, model_cfg: DemoModelConfig, world: WorldCo
             "blank": accuracy_by_type(answer_questions(engine, items, model_cfg.frames_per_video, blank=True)),
         }
     return report
+
+
+def write_model_card(out: Path) -> None:
+    """README.md for the checkpoint, from its training_report.json (command, sizes, held-out accuracy)."""
+    report = json.loads((out / "training_report.json").read_text())
+    size_mb = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20
+    lines = [
+        "# shapes-llava: the demo VLM",
+        "",
+        "A `LlavaForConditionalGeneration` trained from scratch on the synthetic shapes world (`synthetic/world.py`)",
+        "by `jobs/train_demo_model.py`; see the repository README for the architecture and the world.",
+        "",
+        f"* command: `{report['command']}`",
+        f"* training time: {report['train_seconds']:.0f} s on {report['threads']} CPU threads "
+        f"(stage 1: {report['stage1_seconds']:.0f} s), torch {report['torch']}",
+        f"* parameters: {report['parameters'] / 1e6:.2f} M; files: {size_mb:.1f} MB",
+        f"* videos are fed as {report['model']['frames_per_video']} uniformly sampled frames, one `<image>` each",
+        "",
+        f"Held-out QA accuracy (normalised exact match; items of seed {report['eval_seed']}, never trained on),",
+        "with the real media and with blank media (the same background, no objects):",
+        "",
+    ]
+    for kind, r in report["held_out"].items():
+        types = list(r["real"])
+        lines += [
+            f"**{kind}s** ({r['items']} items, {r['questions']} questions)",
+            "",
+            "| media | " + " | ".join(types) + " |",
+            "|---|" + "---|" * len(types),
+            "| real | " + " | ".join(f"{r['real'][t]:.3f}" for t in types) + " |",
+            "| blank | " + " | ".join(f"{r['blank'].get(t, float('nan')):.3f}" for t in types) + " |",
+            "",
+        ]
+    (out / "README.md").write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
+    write_model_card(args.out)
     for kind, r in evaluation.items():
         log(f"held-out {kind}: {r['questions']} questions")
         for qtype in r["real"]:

@@ -11,6 +11,7 @@ Video-LLaVA's per-frame [CLS]) are kept and not counted against the budget.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,10 +129,12 @@ class LlavaAdapter:
             self._enable_pad_to_square()
 
     def _enable_pad_to_square(self) -> None:
-        image_processor = self.processor.image_processor
-        if not hasattr(image_processor, "do_pad"):
-            raise ValueError(f"model.pad_to_square: {type(image_processor).__name__} cannot pad to square")
-        image_processor.do_pad = True  # original LLaVA-1.5 evaluation: expand2square with the mean colour
+        if not hasattr(self.processor.image_processor, "do_pad"):
+            name = type(self.processor.image_processor).__name__
+            raise ValueError(f"model.pad_to_square: {name} cannot pad to square")
+        # A private copy: other engines sharing the caller's processor keep its setting.
+        self.processor = copy.deepcopy(self.processor)
+        self.processor.image_processor.do_pad = True  # original LLaVA-1.5 evaluation: expand2square, mean colour
 
     @property
     def placeholder_ids(self) -> set[int]:

@@ -2,13 +2,10 @@
 
 Stage 1: contrastive image-caption pretraining (CLIP's symmetric InfoNCE) of a small ViT with a
 [CLS] token against a small causal text transformer, so the tower's features, and its [CLS]
-attention, are about the objects captions mention. Each image also gets a hard negative caption
-(NegCLIP-style): its own caption with the shape words, or the colour words, permuted. Without
-it, colour combinations alone tell most captions in a batch apart and shape is barely learned.
+attention, are about the objects captions mention.
 
 Stage 2: LLaVA-style training of the projector and a small Llama from scratch on captions and
-QA pairs, next-token loss on the answer tokens only, averaged per sequence so an 80-token
-caption does not outweigh a one-word answer, with the tower frozen (as LLaVA does). Because
+QA pairs, next-token loss on the answer tokens only, with the tower frozen (as LLaVA does). Because
 the tower is frozen, its layer -2 patch features are computed once and cached, which is what makes
 this fit a 2-core CPU. Videos are fed as ``frames_per_video`` uniformly sampled frames, one
 ``<image>`` each.
@@ -31,7 +28,7 @@ from transformers import CLIPTextModel, CLIPVisionModel, LlavaForConditionalGene
 from operators.engine import format_prompt_text
 from operators.vision import encode_with_cls_attention
 from synthetic.demo_model import CAPTION_PROMPT, DemoModelConfig, build_llava, clip_text_config, vision_config
-from synthetic.world import COLOURS, SHAPES, Item, WorldConfig, make_item, sample_frame_indices
+from synthetic.world import Item, WorldConfig, make_item, sample_frame_indices
 
 Log = Callable[[str], None]
 
@@ -93,34 +90,15 @@ class ContrastivePair(nn.Module):
         self.text_projection = nn.Linear(text.config.hidden_size, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def embed_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        image = self.visual_projection(self.vision(pixel_values=pixels).pooler_output)
         hidden = self.text(input_ids=ids, attention_mask=mask).last_hidden_state
         last = mask.sum(dim=1) - 1  # each caption ends with </s>: pool there
-        return F.normalize(self.text_projection(hidden[torch.arange(len(ids)), last]), dim=-1)
-
-    def forward(self, pixels, ids, mask, negative_ids, negative_mask) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch; images also contrast against the hard negatives."""
-        image = F.normalize(self.visual_projection(self.vision(pixel_values=pixels).pooler_output), dim=-1)
-        text = self.embed_text(ids, mask)  # [B, D]
-        negatives = self.embed_text(negative_ids, negative_mask)  # [B, D]
-        scale = self.logit_scale.exp().clamp(max=100)
+        text = self.text_projection(hidden[torch.arange(len(ids)), last])
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T
         target = torch.arange(len(ids))
-        image_to_text = scale * image @ torch.cat([text, negatives]).T  # [B, 2B]
-        text_to_image = scale * text @ image.T  # [B, B]
-        return (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target)) / 2
-
-
-def counterfactual_caption(caption: str, rng: random.Random) -> str:
-    """The caption with its shape words (or colour words) permuted: same layout, wrong objects."""
-    vocabulary = list(SHAPES) if rng.random() < 0.5 else list(COLOURS)
-    present = [w for w in vocabulary if w in caption.split()]
-    if not present:
-        return caption
-    while True:
-        shuffled = rng.sample(vocabulary, len(vocabulary))
-        mapping = dict(zip(vocabulary, shuffled, strict=True))
-        if any(mapping[w] != w for w in present):
-            return " ".join(mapping.get(w, w) for w in caption.split())
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def encode_captions(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +114,6 @@ def train_stage1(
     items = [make_item(cfg.seed, i, "image", world) for i in range(cfg.stage1_images)]
     pixels = pixel_tensor(np.stack([it.frames[0] for it in items]), image_processor)
     ids, mask = encode_captions(tokenizer, [it.caption for it in items])
-    rng = random.Random(cfg.seed)
-    negative_ids, negative_mask = encode_captions(tokenizer, [counterfactual_caption(it.caption, rng) for it in items])
     vision = CLIPVisionModel(vision_config(world, model_cfg))
     text = CLIPTextModel(clip_text_config(tokenizer, model_cfg))
     pair = ContrastivePair(vision, text, model_cfg.vision_width).train()
@@ -147,14 +123,8 @@ def train_stage1(
     for step in range(cfg.stage1_steps):
         set_lr(optimizer, cosine_lr(step, cfg.stage1_steps, cfg.stage1_lr, cfg.warmup))
         batch = torch.randperm(len(items), generator=generator)[: cfg.stage1_batch]
-        width = int(torch.maximum(mask[batch].sum(dim=1), negative_mask[batch].sum(dim=1)).max())
-        loss = pair(
-            pixels[batch],
-            ids[batch, :width],
-            mask[batch, :width],
-            negative_ids[batch, :width],
-            negative_mask[batch, :width],
-        )
+        width = int(mask[batch].sum(dim=1).max())
+        loss = pair(pixels[batch], ids[batch, :width], mask[batch, :width])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(pair.parameters(), 1.0)
@@ -235,11 +205,7 @@ def lm_loss(llava: LlavaForConditionalGeneration, ids, target, mask, features: t
     embeds = embeds.masked_scatter(placeholder[..., None], projected.reshape(-1, projected.shape[-1]))
     hidden = llava.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     logits = llava.lm_head(hidden[:, :-1])
-    labels = target[:, 1:]
-    token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, S-1]
-    supervised = labels != -100
-    per_sequence = (token_loss * supervised).sum(dim=1) / supervised.sum(dim=1).clamp(min=1)
-    return per_sequence.mean()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), ignore_index=-100)
 
 
 def train_stage2(

@@ -191,3 +191,19 @@ def test_llava_sees_a_video_as_frames_with_a_budget_per_frame(tiny):
     frames = [Image.fromarray(f) for f in video]
     as_images = Request(format_prompt(processor, "what moves ?").replace("<image>", "<image>" * 3), images=frames)
     assert Engine(model, processor, EngineConfig(max_new_tokens=3)).generate([as_images])[0].token_ids == none.token_ids
+
+
+def test_pad_to_square_pads_llava_images_with_the_mean_colour(tiny):
+    model, processor = tiny("llava")
+    image = random_image(7, height=20, width=56)  # wide: padding adds rows above and below
+    plain = Engine(model, processor, EngineConfig()).adapter.preprocess("<image>", [image]).media[0].pixel_values
+    padded_engine = Engine(model, processor, EngineConfig(pad_to_square=True))
+    padded = padded_engine.adapter.preprocess("<image>", [image]).media[0].pixel_values
+    assert not processor.image_processor.do_pad  # the caller's processor is left alone
+    assert plain.shape == padded.shape and not torch.equal(plain, padded)
+    # the top rows of the padded image are the (normalised) mean colour: a constant per channel
+    top = padded[0, :, 0, :]
+    assert torch.allclose(top, top[:, :1].expand_as(top), atol=1e-5)
+    model_next, processor_next = tiny("llava_next")
+    with pytest.raises(ValueError, match="pad_to_square"):
+        Engine(model_next, processor_next, EngineConfig(pad_to_square=True))
