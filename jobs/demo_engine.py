@@ -20,13 +20,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synthetic.world import iter_items  # noqa: E402
-
 from operators.engine import Engine, EngineConfig, Request, format_prompt  # noqa: E402
 from operators.loading import load_vlm  # noqa: E402
 from operators.pruning import METHODS  # noqa: E402
 from synthetic.demo_model import CAPTION_PROMPT  # noqa: E402
 from synthetic.evaluate import accuracy_by_type, answer_questions, media_for  # noqa: E402
+from synthetic.world import iter_items  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

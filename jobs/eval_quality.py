@@ -19,11 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synthetic.world import WorldConfig, iter_items  # noqa: E402
-
 from operators.engine import Engine, EngineConfig  # noqa: E402
 from operators.loading import load_vlm  # noqa: E402
 from synthetic.evaluate import accuracy_by_type, answer_questions, relative_accuracy  # noqa: E402
+from synthetic.world import WorldConfig, iter_items  # noqa: E402
 
 FRACTIONS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
 METHODS = ("vispruner", "fastv", "random", "pool")

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import torch
 from PIL import Image
-from synthetic.world import WorldConfig, make_item, words
 
 from jobs.train_demo_model import main as train_main
 from operators.engine import Engine, EngineConfig, Request, format_prompt
 from operators.loading import load_vlm
 from synthetic.demo_model import DemoModelConfig, build_processor, build_tokenizer
 from synthetic.train_demo import Example, build_sequences, examples_for, pixel_tensor
+from synthetic.world import WorldConfig, make_item, words
 
 
 def test_pixel_tensor_equals_the_image_processor():
