@@ -259,28 +259,23 @@ class VideoLlavaAdapter(LlavaAdapter):
     def towers(self) -> dict[str, nn.Module]:
         return {"image": self.model.model.image_tower, "video": self.model.model.video_tower}
 
-    def tokens_per_frame(self) -> int:
-        vision = self.config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2 + 1
-
     def preprocess(self, prompt: str, images=(), video=None) -> RowInputs:
         tokenizer = self.processor.tokenizer
         image_processor = self.processor.image_processor
         media = []
-        per_image = self.tokens_per_frame() - (0 if self.keep_cls else 1)
         image_token, video_token = "<image>", "<video>"
         if images:
             pixels = image_processor(images=list(images), return_tensors="pt", return_legacy_image_output=False)
             pixel_values = pixels["pixel_values"]
             tokens = self.tokens_per_segment(pixel_values)
             media += [MediaInput("image", pixel_values[i : i + 1], tokens=tokens) for i in range(len(images))]
-            prompt = prompt.replace(image_token, image_token * per_image)
+            prompt = prompt.replace(image_token, image_token * tokens)
         if video is not None:
             frames = to_frames(video)
             pixels = image_processor(images=frames, return_tensors="pt", return_legacy_image_output=False)
             frame_tokens = self.tokens_per_segment(pixels["pixel_values"], keep_cls=True)
             media.append(MediaInput("video", pixels["pixel_values"], tokens=frame_tokens * len(frames)))
-            prompt = prompt.replace(video_token, video_token * (self.tokens_per_frame() * len(frames)))
+            prompt = prompt.replace(video_token, video_token * (frame_tokens * len(frames)))
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
         return RowInputs(ids, media)
 

@@ -102,9 +102,8 @@ class Engine:
         embeds, positions, valid, visual, prunable, totals, segment_counts = self._build_batch(rows, streams)
         fastv = cfg.pruning_method == "fastv"
         fastv_keep = None
-        if fastv:
-            budget = cfg.budget if cfg.budget is not None else 10**9
-            fastv_keep = torch.tensor([budget * n for n in segment_counts], device=self.device)
+        if fastv:  # EngineConfig requires a budget for fastv
+            fastv_keep = torch.tensor([cfg.budget * n for n in segment_counts], device=self.device)
         out = greedy_generate(
             self.model,
             embeds,

@@ -84,9 +84,10 @@ def load_vlm(
     )
 
     source = str(source)
-    directory = fetch_checkpoint(source, cache_dir, storage_options) if is_remote(source) else Path(source)
-    if source.startswith("file://"):
-        directory = Path(source[len("file://") :])
+    if is_remote(source):
+        directory = fetch_checkpoint(source, cache_dir, storage_options)
+    else:
+        directory = Path(source.removeprefix("file://"))
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} is not a checkpoint directory (no config.json)")
     if not any(directory.glob("*.safetensors")):
