@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed-stamp
 # unpinned torch would pull several GB of CUDA packages. GPU clusters install their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help venv test test-all lint demo bench-engine clean
+.PHONY: help venv test test-all lint demo demo-engine bench-engine clean
 
 help:
-	@echo "make demo          run the engine demo (creates .venv on first use)"
+	@echo "make demo          caption a generated sample corpus with the demo model via the Ray job (creates .venv on first use)"
+	@echo "make demo-engine   the engine alone: every pruning method on a few generated items"
 	@echo "make test          lint + fast tests (what CI runs)"
 	@echo "make bench-engine  engine benchmark: none vs vispruner on LLaVA-1.5 geometry"
 
@@ -31,7 +32,13 @@ test: lint
 test-all: lint
 	$(PY) -m pytest -q
 
+# The demo: a generated sample corpus (images + H.264 videos) captioned by the shipped demo model
+# through the Ray Data job, on this CPU; prints the summary and where the Parquet is.
 demo: $(STAMP)
+	$(PY) jobs/make_corpus.py --out demo_out/corpus --seed 4242 --images 24 --videos 8 --progress-every 1000 > /dev/null
+	$(PY) jobs/caption.py --config configs/demo.yaml --show 3
+
+demo-engine: $(STAMP)
 	$(PY) jobs/demo_engine.py
 
 bench-engine: $(STAMP)

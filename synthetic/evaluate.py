@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
 from operators.engine import Engine, Request, format_prompt
+from pipeline import scoring
+from pipeline.scoring import normalise_answer, relative_accuracy  # noqa: F401  (re-exported)
 from synthetic.world import Item, blank_frames, sample_frame_indices
-
-NUMBER_WORDS = {str(i): w for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-ARTICLES = {"a", "an", "the"}
-
-
-def normalise_answer(text: str) -> str:
-    """Lowercase, drop punctuation and articles, spell digits: 'The 3.' -> 'three'."""
-    tokens = re.sub(r"[^\w\s]", " ", text.lower()).split()
-    return " ".join(NUMBER_WORDS.get(t, t) for t in tokens if t not in ARTICLES)
 
 
 @dataclass
@@ -65,14 +55,4 @@ def answer_questions(
 
 def accuracy_by_type(records: list[QARecord]) -> dict[str, float]:
     """Accuracy per question type, plus 'all' (micro average over questions)."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for r in records:
-        hits[r.type].append(r.correct)
-        hits["all"].append(r.correct)
-    return {t: float(np.mean(v)) for t, v in sorted(hits.items())}
-
-
-def relative_accuracy(method: dict[str, float], baseline: dict[str, float]) -> float:
-    """RelAcc: mean over question types of method / baseline accuracy (types where baseline > 0)."""
-    ratios = [method[t] / baseline[t] for t in baseline if t != "all" and baseline[t] > 0 and t in method]
-    return float(np.mean(ratios)) if ratios else float("nan")
+    return scoring.accuracy_by_type((r.type, r.correct) for r in records)

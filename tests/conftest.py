@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from operators.tiny_models import BUILDERS
+from tests.s3_server import s3_server  # noqa: F401  (session fixture: a real S3 server on 127.0.0.1)
 
 torch.set_num_threads(2)
 

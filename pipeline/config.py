@@ -1,0 +1,262 @@
+"""Job configuration: pydantic models loaded from YAML plus dotted ``key=value`` overrides.
+
+Everything is validated before any cluster work. A bad key or value raises :class:`ConfigError`
+with one message that names the key and, where there is a closed set, the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Bumped when the Parquet schema or the meaning of a column changes; part of the fingerprint.
+OUTPUT_SCHEMA_VERSION = 1
+PRUNING_METHODS = ("none", "vispruner", "fastv", "random", "pool")  # operators.pruning.METHODS (tested equal)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "3gp")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the YAML."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    uri: str | None = None  # a prefix/directory, a manifest file, or an annotation file
+    kind: Literal["auto", "prefix", "manifest", "annotations"] = "auto"
+    # annotations: which VideoQA layout; "auto" guesses from the file name and fields
+    layout: Literal["auto", "msvd_qa", "msrvtt_qa", "videochatgpt", "activitynet_qa", "tgif_qa"] = "auto"
+    media_prefix: str | None = None  # annotations: where the media files are (default: the file's directory)
+    answers_uri: str | None = None  # videochatgpt/activitynet_qa: test_a.json (default: beside test_q.json)
+    # prefix listing: file extensions to take (null: every file, e.g. media without extensions)
+    extensions: list[str] | None = Field(default_factory=lambda: [*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS])
+    limit: int | None = Field(None, ge=1)  # first N work rows (after sorting), for trials
+
+
+class OutputConfig(_Section):
+    uri: str | None = None  # directory or object-store prefix receiving part-*.parquet
+    rows_per_file: int = Field(256, ge=1, le=1_000_000)
+
+
+class StorageConfig(_Section):
+    """Object-store access; unset values fall back to the standard AWS environment and profiles."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    key: str | None = None
+    secret: str | None = Field(None, repr=False)
+    anon: bool = False
+
+
+class ModelConfig(_Section):
+    path: str | None = None  # local checkpoint directory or object-store URI
+    name: str | None = None  # written to the `model` column (default: the path's last component)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    pad_to_square: bool = False  # LLaVA-1.5's original evaluation pads images to a square
+
+    @property
+    def display_name(self) -> str:
+        return self.name or (self.path or "").rstrip("/").rsplit("/", 1)[-1]
+
+
+class PromptConfig(_Section):
+    caption: str = "Describe the image in detail."  # task=caption
+    caption_video: str | None = None  # task=caption on videos (default: `caption`)
+    question: str = "{question}"  # task=qa: template around the row's question
+
+
+class PruningConfig(_Section):
+    method: Literal["none", "vispruner", "fastv", "random", "pool"] = "none"
+    budget: int | None = Field(None, ge=1)  # visual tokens kept per image / crop / frame
+    important_ratio: float = Field(0.5, ge=0.0, le=1.0)  # VisPruner: share of the budget for important tokens
+    fastv_layer: int = Field(2, ge=1)  # FastV's K
+    seed: int = 0  # random baseline
+
+    @model_validator(mode="after")
+    def _budget_needed(self) -> PruningConfig:
+        if self.method != "none" and self.budget is None:
+            raise ValueError(f"pruning.budget is required when pruning.method is {self.method!r}")
+        return self
+
+
+class DecodeConfig(_Section):
+    strategy: Literal["greedy", "ssd"] = "greedy"
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+    twig: str | None = None  # decode.strategy=ssd: trained twig directory or URI
+
+    @model_validator(mode="after")
+    def _ssd_needs_twig(self) -> DecodeConfig:
+        if self.strategy == "ssd":
+            raise ValueError(
+                "decode.strategy=ssd (TwigVLM self-speculative decoding) is not implemented yet; allowed now: 'greedy'"
+            )
+        return self
+
+
+class MediaConfig(_Section):
+    """Decoding on CPU tasks, before the GPU actors (see pipeline/media.py)."""
+
+    num_frames: int = Field(8, ge=1, le=1024)
+    sampling: Literal["uniform", "fps"] = "uniform"
+    fps: float | None = Field(None, gt=0)
+    max_duration_s: float | None = Field(None, gt=0)
+    max_bytes: int = Field(1 << 30, ge=1)
+    max_pixels: int = Field(64_000_000, ge=1)
+    max_side: int | None = Field(1344, ge=16)  # downscale larger frames before they travel to the GPU actors
+    timeout_s: float = Field(60.0, gt=0)
+    max_memory_mb: int | None = Field(8192, ge=512)  # the decode child alone maps about 300 MB
+
+    @model_validator(mode="after")
+    def _fps_needed(self) -> MediaConfig:
+        if self.sampling == "fps" and self.fps is None:
+            raise ValueError("media.fps is required when media.sampling is 'fps'")
+        return self
+
+
+class ComputeConfig(_Section):
+    """Ray resources: CPU decode tasks and the inference actor pool."""
+
+    decode_tasks: int | None = Field(None, ge=1)  # max concurrent decode tasks (None: Ray decides)
+    decode_cpus: float = Field(1.0, gt=0)
+    decode_batch_size: int = Field(16, ge=1)
+    actors: int = Field(1, ge=1)  # inference actors (fixed pool: loading a model is slow)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)  # rows per engine batch
+    max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 overlaps an actor's input transfer with compute
+    torch_threads: int | None = Field(None, ge=1)  # CPU inference threads per actor (default: cpus_per_actor)
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: RAY_ADDRESS or a running local cluster, else start one in-process
+    progress_bars: bool = True
+
+
+class Config(_Section):
+    task: Literal["caption", "qa"] = "caption"
+    input: InputConfig = Field(default_factory=InputConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    media: MediaConfig = Field(default_factory=MediaConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def require_paths(self) -> None:
+        """The keys a run cannot do without (YAML may leave them to the command line)."""
+        for key, value in (
+            ("input.uri", self.input.uri),
+            ("output.uri", self.output.uri),
+            ("model.path", self.model.path),
+        ):
+            if not value:
+                raise ConfigError(f"{key} is not set: put it in the YAML or pass {key}=... (or --input/--output)")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes a row's output; rows are resumed by (item_id, fingerprint).
+
+        Input, output, storage, resources and Ray settings are left out: they change where and how
+        fast, not what. Batch composition is left out too: batched output equals per-row output.
+        """
+        relevant = {
+            "schema": OUTPUT_SCHEMA_VERSION,
+            "task": self.task,
+            "model": {"path": self.model.path, "dtype": self.model.dtype, "pad_to_square": self.model.pad_to_square},
+            "prompt": self.prompt.model_dump(),
+            "pruning": self.pruning.model_dump(),
+            "decode": self.decode.model_dump(),
+            "media": self.media.model_dump(exclude={"timeout_s", "max_memory_mb", "max_bytes"}),
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``pruning.budget=64`` -> (["pruning", "budget"], 64); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    """Set ``data[path[0]][path[1]]... = value``, refusing keys the schema does not have."""
+    model: type[BaseModel] = Config
+    node = data
+    for depth, part in enumerate(path):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(path[:depth]) or "top level"
+            raise ConfigError(f"unknown key {'.'.join(path)!r}: {where} has {', '.join(fields)}")
+        annotation = fields[part].annotation
+        if depth == len(path) - 1:
+            node[part] = value
+            return
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise ConfigError(f"unknown key {'.'.join(path)!r}: {'.'.join(path[: depth + 1])} is not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path[: depth + 1])} must be a mapping")
+        model = annotation
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read YAML (optional), apply overrides in order, validate; raises ConfigError."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e, source=str(path) if path else "overrides")) from None
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: ``pruning.method: Input should be 'none', 'vispruner', ... (got 'x')``."""
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "top level"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            parent = _section_for(problem["loc"][:-1])
+            message = f"unknown key; {'.'.join(map(str, problem['loc'][:-1])) or 'top level'} has " + ", ".join(
+                parent.model_fields
+            )
+        elif "input" in problem and problem["type"] != "value_error":
+            message += f" (got {problem['input']!r})"
+        lines.append(f"{key}: {message}")
+    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return model

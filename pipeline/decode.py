@@ -1,0 +1,109 @@
+"""Decode stage (CPU Ray tasks): read each row's media bytes and decode them to RGB frames.
+
+Runs before, and apart from, the GPU actors so they never wait on decoding. Decoding itself
+happens in a killable child process (pipeline.media.DecodeWorker), one per Ray worker process
+and reused across batches, so a decoder that hangs or crashes costs one row, not the task.
+Every input row comes out exactly once, with either frames or an error.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.config import MediaConfig
+from pipeline.media import DecodeWorker, MediaError, MediaOptions
+
+# Columns added to the work rows (pipeline.sources.work_row).
+DECODED_FIELDS = [
+    ("frames", pa.large_binary()),  # uint8 RGB frames, C order, shape in frame_shape
+    ("frame_shape", pa.list_(pa.int32())),  # [T, H, W, 3]
+    ("error_kind", pa.string()),
+    ("error", pa.string()),
+    ("decode_ms", pa.float64()),
+]
+WORK_FIELDS = [
+    ("item_id", pa.string()),
+    ("uri", pa.string()),
+    ("media_type", pa.string()),
+    ("question", pa.string()),
+    ("answer", pa.string()),
+    ("question_type", pa.string()),
+]
+DECODED_SCHEMA = pa.schema(WORK_FIELDS + DECODED_FIELDS)
+
+_workers: dict[MediaOptions, DecodeWorker] = {}  # per Ray worker process: the child decoder survives batches
+
+
+def media_options(config: MediaConfig) -> MediaOptions:
+    return MediaOptions(**config.model_dump())
+
+
+def _worker(options: MediaOptions) -> DecodeWorker:
+    if options not in _workers:
+        _workers[options] = DecodeWorker(options)
+    return _workers[options]
+
+
+def read_error(uri: str, error: Exception) -> tuple[str, str]:
+    """(error_kind, message) for a failure to fetch the bytes."""
+    if isinstance(error, FileNotFoundError):
+        return "not_found", f"{uri} does not exist"
+    if isinstance(error, PermissionError):
+        return "read_failed", f"access denied reading {uri}"
+    if isinstance(error, IsADirectoryError):
+        return "read_failed", f"{uri} is a directory"
+    if isinstance(error, ValueError) and "limit" in str(error):
+        return "too_large", str(error)
+    return "read_failed", f"reading {uri} failed: {type(error).__name__}: {error}"
+
+
+def decode_row(row: dict, worker: DecodeWorker, options: MediaOptions, storage_config: dict | None) -> dict:
+    start = time.perf_counter()
+    out = {**row, "frames": None, "frame_shape": None, "error_kind": None, "error": None}
+    try:
+        # Options per URI: a manifest may mix local paths and object-store URIs.
+        fs_options = storage.fsspec_options(row["uri"], **(storage_config or {}))
+        data = storage.read_bytes(row["uri"], fs_options, max_bytes=options.max_bytes)
+    except Exception as e:  # any read failure is this row's error, never the task's
+        out["error_kind"], out["error"] = read_error(row["uri"], e)
+    else:
+        try:
+            decoded = worker.decode(data, row["uri"])
+        except MediaError as e:
+            out["error_kind"], out["error"] = e.kind, e.message
+        except Exception as e:  # a bug in decoding: keep it on the row, with its type
+            out["error_kind"], out["error"] = "decode_failed", f"{type(e).__name__}: {e}"
+        else:
+            frames = np.ascontiguousarray(decoded.frames, dtype=np.uint8)
+            out["media_type"] = decoded.kind
+            out["frames"] = frames.tobytes()
+            out["frame_shape"] = list(frames.shape)
+    out["decode_ms"] = 1000.0 * (time.perf_counter() - start)
+    return out
+
+
+def decode_batch(batch: pa.Table, media: dict, storage_config: dict | None = None) -> pa.Table:
+    """Ray Data UDF (tasks): work rows in, rows with frames or an error out, same count and order."""
+    options = media_options(MediaConfig.model_validate(media))
+    worker = _worker(options)
+    rows = batch.to_pylist()
+    done: dict[str, dict] = {}  # QA rows often share a video: decode each URI once per batch
+    out = []
+    for row in rows:
+        cached = done.get(row["uri"])
+        if cached is None:
+            cached = done[row["uri"]] = decode_row(row, worker, options, storage_config)
+            out.append(cached)
+        else:
+            out.append({**cached, **{k: row[k] for k, _ in WORK_FIELDS if k != "media_type"}, "decode_ms": 0.0})
+    assert len(out) == len(rows)
+    return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+
+
+def frames_of(row: dict) -> np.ndarray:
+    """The [T, H, W, 3] uint8 frames a decoded row carries."""
+    return np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frame_shape"])

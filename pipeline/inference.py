@@ -1,0 +1,158 @@
+"""Inference stage (GPU actor pool): decoded rows in, output rows (sink.SCHEMA) out.
+
+A callable class: the constructor loads the model once per actor (from a local directory or an
+object-store URI, cached on the node), ``__call__`` runs the engine on a batch. Rows that failed
+to decode pass through as error rows; if the engine fails on a batch, each row is retried alone
+so one bad row cannot take its neighbours down with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.config import Config
+from pipeline.decode import frames_of
+from pipeline.sink import SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device=cuda but this actor sees no CUDA device (set compute.gpus_per_actor >= 1)")
+    return requested
+
+
+class InferenceStage:
+    """Loads the model once; ``__call__(batch)`` captions or answers every row of the batch."""
+
+    def __init__(self, config: dict, storage_config: dict | None, run_id: str):
+        import torch
+
+        from operators.engine import Engine, EngineConfig
+        from operators.loading import load_vlm
+        from pipeline.storage import fsspec_options
+
+        self.config = Config.model_validate(config)
+        self.run_id = run_id
+        self.fingerprint = self.config.fingerprint()
+        cfg = self.config
+        torch.set_num_threads(cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor)))
+        device = pick_device(cfg.model.device)
+        dtype = cfg.model.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        options = fsspec_options(cfg.model.path, **(storage_config or {}))
+        model, processor = load_vlm(cfg.model.path, dtype=dtype, device=device, storage_options=options)
+        self.engine = Engine(
+            model,
+            processor,
+            EngineConfig(
+                pruning_method=cfg.pruning.method,
+                budget=cfg.pruning.budget,
+                important_ratio=cfg.pruning.important_ratio,
+                fastv_layer=cfg.pruning.fastv_layer,
+                max_new_tokens=cfg.decode.max_new_tokens,
+                seed=cfg.pruning.seed,
+                pad_to_square=cfg.model.pad_to_square,
+            ),
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out = [self.base_row(r) for r in rows]
+        todo = [i for i, r in enumerate(rows) if r["error_kind"] is None]
+        if todo:
+            self.run_rows([rows[i] for i in todo], [out[i] for i in todo])
+        assert len(out) == len(rows)
+        return pa.Table.from_pylist(out, schema=SCHEMA)
+
+    def run_rows(self, rows: list[dict], out: list[dict]) -> None:
+        """Fill ``out`` in place; a batch failure falls back to one row at a time."""
+        try:
+            self.generate(rows, out)
+        except Exception as batch_error:
+            if len(rows) == 1:
+                out[0].update(status="error", error_kind="inference_failed", error=_describe(batch_error))
+                return
+            log.warning("engine batch of %d failed (%s); retrying rows one at a time", len(rows), batch_error)
+            for row, o in zip(rows, out, strict=True):
+                self.run_rows([row], [o])
+
+    def generate(self, rows: list[dict], out: list[dict]) -> None:
+        requests = [self.request(row) for row in rows]
+        start = time.perf_counter()
+        results = self.engine.generate(requests)
+        share_ms = 1000.0 * (time.perf_counter() - start) / len(rows)
+        for o, result in zip(out, results, strict=True):
+            o.update(
+                status="ok",
+                text=result.text,
+                visual_tokens_total=result.visual_tokens_total,
+                visual_tokens_kept=result.visual_tokens_kept,
+                generated_tokens=len(result.token_ids),
+                prefill_flops=result.prefill_flops,
+                kv_cache_bytes=result.kv_cache_bytes,
+                latency_ms=share_ms,
+            )
+
+    def request(self, row: dict):
+        from operators.engine import Request, format_prompt
+
+        frames = frames_of(row)
+        kind = row["media_type"]
+        prompt = self.config.prompt
+        if self.config.task == "qa":
+            text = prompt.question.format(question=row["question"])
+        else:
+            text = prompt.caption_video if kind == "video" and prompt.caption_video else prompt.caption
+        processor = self.engine.processor
+        if kind == "image":
+            return Request(format_prompt(processor, text, "image"), images=[Image.fromarray(frames[0])])
+        return Request(format_prompt(processor, text, "video"), video=frames)
+
+    def base_row(self, row: dict) -> dict:
+        cfg = self.config
+        failed = row["error_kind"] is not None
+        return {
+            "item_id": row["item_id"],
+            "uri": row["uri"],
+            "media_type": row["media_type"],
+            "task": cfg.task,
+            "question": row["question"],
+            "answer": row["answer"],
+            "question_type": row["question_type"],
+            "text": None,
+            "status": "error" if failed else None,
+            "error_kind": row["error_kind"],
+            "error": row["error"],
+            "model": cfg.model.display_name,
+            "pruning_method": cfg.pruning.method,
+            "pruning_budget": cfg.pruning.budget,
+            "visual_tokens_total": None,
+            "visual_tokens_kept": None,
+            "decode_strategy": cfg.decode.strategy,
+            "generated_tokens": None,
+            "num_frames": None if failed else row["frame_shape"][0],
+            "prefill_flops": None,
+            "kv_cache_bytes": None,
+            "latency_ms": None,
+            "decode_ms": row["decode_ms"],
+            "config_fingerprint": self.fingerprint,
+            "run_id": self.run_id,
+            "created_at": datetime.now(UTC),
+        }
+
+
+def _describe(error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 2000 else text[:2000] + " ..."

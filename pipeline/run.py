@@ -1,0 +1,261 @@
+"""The driver: preflight checks, resume, the Ray Data plan, and the final summary.
+
+Plan: work rows (driver) → ``decode_batch`` (CPU tasks) → ``InferenceStage`` (actor pool, GPUs)
+→ ``write_batch`` (CPU tasks, one atomic Parquet part per batch) → per-part summaries streamed
+back to the driver. Nothing but the summaries returns to the driver, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from pipeline import sink, storage
+from pipeline.config import Config, ConfigError
+from pipeline.sources import load_work_rows
+
+PART_SUMMARY = pa.schema(
+    [
+        ("part", pa.string()),
+        ("item_ids", pa.list_(pa.string())),
+        ("rows", pa.int64()),
+        ("ok", pa.int64()),
+        ("error_kinds", pa.string()),  # JSON {kind: count}
+        ("generated_tokens", pa.int64()),
+        ("visual_tokens_kept", pa.int64()),
+        ("visual_tokens_total", pa.int64()),
+        ("latency_ms", pa.float64()),
+        ("decode_ms", pa.float64()),
+    ]
+)
+
+
+@dataclass
+class Summary:
+    run_id: str
+    output: str
+    config_fingerprint: str
+    items_total: int  # work rows of the input
+    items_skipped: int  # already written by an earlier run with this config
+    items_processed: int = 0
+    ok: int = 0
+    errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    parts: int = 0
+    seconds: float = 0.0
+    items_per_second: float = 0.0
+    generated_tokens: int = 0
+    generated_tokens_per_second: float = 0.0
+    mean_visual_tokens_kept: float | None = None
+    mean_visual_tokens_total: float | None = None
+    rows_for_config: int = 0  # after the run: rows under the output with this fingerprint
+    duplicates: int = 0  # item ids written twice for this config (must be 0)
+    missing: int = 0  # input items with no row for this config (must be 0)
+
+    def lines(self) -> list[str]:
+        kept = "n/a" if self.mean_visual_tokens_kept is None else f"{self.mean_visual_tokens_kept:.1f}"
+        total = "n/a" if self.mean_visual_tokens_total is None else f"{self.mean_visual_tokens_total:.1f}"
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.error_kinds.items())) or "none"
+        return [
+            f"run {self.run_id}: {self.items_processed} items in {self.seconds:.1f} s "
+            f"({self.items_per_second:.2f} items/s); {self.items_skipped} already done, skipped",
+            f"  ok {self.ok}, error {self.errors} ({kinds})",
+            f"  visual tokens kept per item: {kept} of {total}",
+            f"  generated {self.generated_tokens} tokens ({self.generated_tokens_per_second:.1f} tokens/s)",
+            f"  output: {self.output} ({self.rows_for_config} rows for config {self.config_fingerprint}, "
+            f"{self.duplicates} duplicated, {self.missing} missing)",
+        ]
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def options_for(uri: str, config: Config) -> dict:
+    return storage.fsspec_options(uri, **config.storage.model_dump())
+
+
+def preflight(config: Config) -> None:
+    """Fail fast, before Ray starts: paths set, input readable, output writable, model present."""
+    config.require_paths()
+    storage.check_access(config.input.uri, options_for(config.input.uri, config))
+    storage.check_access(config.output.uri, options_for(config.output.uri, config), write=True)
+    model = config.model.path
+    if "://" in model and not model.startswith("file://"):
+        storage.check_access(model, options_for(model, config))
+    elif not os.path.exists(os.path.join(model.removeprefix("file://"), "config.json")):
+        raise ConfigError(f"model.path: {model} is not a checkpoint directory (no config.json)")
+
+
+def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Table:
+    """Ray Data UDF (tasks): write the batch as one part, return one summary row."""
+    options = storage.fsspec_options(output_uri, **storage_config)
+    part = sink.write_part(batch, output_uri, options)
+    rows = batch.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    kinds = Counter(r["error_kind"] for r in rows if r["status"] != "ok")
+    summary = {
+        "part": part,
+        "item_ids": [r["item_id"] for r in rows],
+        "rows": len(rows),
+        "ok": len(ok),
+        "error_kinds": json.dumps(dict(kinds)),
+        "generated_tokens": sum(r["generated_tokens"] or 0 for r in ok),
+        "visual_tokens_kept": sum(r["visual_tokens_kept"] or 0 for r in ok),
+        "visual_tokens_total": sum(r["visual_tokens_total"] or 0 for r in ok),
+        "latency_ms": sum(r["latency_ms"] or 0.0 for r in ok),
+        "decode_ms": sum(r["decode_ms"] or 0.0 for r in rows),
+    }
+    return pa.Table.from_pylist([summary], schema=PART_SUMMARY)
+
+
+def init_ray(config: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Under `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster; run directly,
+    # it joins ray.address, else starts a local one.
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+
+
+def build_plan(work: list[dict], config: Config, run_id: str):
+    """The Ray Data pipeline over ``work`` (lazy)."""
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from pipeline.decode import WORK_FIELDS, decode_batch
+    from pipeline.inference import InferenceStage
+
+    compute = config.compute
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = config.ray.progress_bars
+    ctx.enable_operator_progress_bars = config.ray.progress_bars
+    blocks = max(1, math.ceil(len(work) / compute.decode_batch_size))
+    table = pa.Table.from_pylist(work, schema=pa.schema(WORK_FIELDS))
+    storage_config = config.storage.model_dump()
+    ds = ray.data.from_arrow(table).repartition(blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"media": config.media.model_dump(), "storage_config": storage_config},
+        batch_format="pyarrow",
+        batch_size=compute.decode_batch_size,
+        compute=TaskPoolStrategy(size=compute.decode_tasks) if compute.decode_tasks else None,
+        num_cpus=compute.decode_cpus,
+        # max_calls=0 (unlimited) keeps worker processes, and the decode child each one holds,
+        # alive across tasks. Said explicitly, it also makes the stage's remote args differ from
+        # the actors', which keeps Ray from fusing decoding into the GPU actors (it fuses a task
+        # stage into a following actor stage whenever their requests match).
+        max_calls=0,
+    )
+    ds = ds.map_batches(
+        InferenceStage,
+        fn_constructor_kwargs={"config": config.model_dump(), "storage_config": storage_config, "run_id": run_id},
+        batch_format="pyarrow",
+        batch_size=compute.batch_size,
+        num_gpus=compute.gpus_per_actor,
+        num_cpus=compute.cpus_per_actor,
+        compute=ActorPoolStrategy(
+            size=compute.actors, max_tasks_in_flight_per_actor=compute.max_tasks_in_flight_per_actor
+        ),
+    )
+    return ds.map_batches(
+        write_batch,
+        fn_kwargs={"output_uri": config.output.uri, "storage_config": storage_config},
+        batch_format="pyarrow",
+        batch_size=config.output.rows_per_file,
+        num_cpus=0.25,  # I/O-bound; don't hold a whole core away from decode
+    )
+
+
+def run(config: Config, log=print) -> Summary:
+    """Run the job described by ``config``; returns (and writes under _runs/) its summary."""
+    preflight(config)
+    run_id = new_run_id()
+    fingerprint = config.fingerprint()
+    out_options = options_for(config.output.uri, config)
+    work = load_work_rows(config, options_for(config.input.uri, config))
+    done = sink.completed_items(config.output.uri, fingerprint, out_options)
+    todo = [row for row in work if row["item_id"] not in done]
+    summary = Summary(run_id, config.output.uri, fingerprint, len(work), len(work) - len(todo))
+    log(
+        f"run {run_id}: {len(work)} items from {config.input.uri}; {summary.items_skipped} already in "
+        f"{config.output.uri} for config {fingerprint}; {len(todo)} to do"
+    )
+    start = time.perf_counter()
+    if todo:
+        init_ray(config)
+        summary = consume(build_plan(todo, config, run_id), summary)
+    summary.seconds = time.perf_counter() - start
+    finish(summary, work, out_options)
+    write_run_record(config, summary, out_options)
+    for line in summary.lines():
+        log(line)
+    return summary
+
+
+def consume(ds, summary: Summary) -> Summary:
+    seen: Counter = Counter()
+    kept = total = latency = 0.0
+    kinds: Counter = Counter()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for part in batch.to_pylist():
+            summary.parts += 1
+            seen.update(part["item_ids"])
+            summary.ok += part["ok"]
+            summary.errors += part["rows"] - part["ok"]
+            kinds.update(json.loads(part["error_kinds"]))
+            summary.generated_tokens += part["generated_tokens"]
+            kept += part["visual_tokens_kept"]
+            total += part["visual_tokens_total"]
+            latency += part["latency_ms"]
+    summary.items_processed = summary.ok + summary.errors
+    summary.error_kinds = dict(kinds)
+    if summary.ok:
+        summary.mean_visual_tokens_kept = kept / summary.ok
+        summary.mean_visual_tokens_total = total / summary.ok
+    return summary
+
+
+def finish(summary: Summary, work: list[dict], options: dict) -> None:
+    """Rates, plus the exactly-once check against what is now under the output."""
+    if summary.seconds > 0:
+        summary.items_per_second = summary.items_processed / summary.seconds
+        summary.generated_tokens_per_second = summary.generated_tokens / summary.seconds
+    keys = sink.read_keys(summary.output, options)
+    ids = [
+        i
+        for i, f in zip(keys.column("item_id").to_pylist(), keys.column("config_fingerprint").to_pylist(), strict=True)
+        if f == summary.config_fingerprint
+    ]
+    counts = Counter(ids)
+    summary.rows_for_config = len(ids)
+    summary.duplicates = sum(n - 1 for n in counts.values() if n > 1)
+    summary.missing = sum(1 for row in work if row["item_id"] not in counts)
+
+
+def write_run_record(config: Config, summary: Summary, options: dict) -> None:
+    record = {"summary": asdict(summary), "config": config.model_dump(exclude={"storage": {"key", "secret"}})}
+    uri = storage.join(config.output.uri, "_runs", f"{summary.run_id}.json")
+    storage.write_bytes_atomic(uri, json.dumps(record, indent=2).encode(), options)
+
+
+def main_exit_code(summary: Summary) -> int:
+    """0 when every item has exactly one row for this config; rows in error still count as written."""
+    if summary.duplicates or summary.missing:
+        print(
+            f"error: output is not exactly one row per item ({summary.duplicates} duplicated, "
+            f"{summary.missing} missing); rerun the same command to fill the gaps",
+            file=sys.stderr,
+        )
+        return 3
+    return 0

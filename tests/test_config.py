@@ -1,0 +1,116 @@
+"""Job configuration: every shipped YAML validates; bad keys and values give one clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from operators.pruning import METHODS
+from pipeline.config import PRUNING_METHODS, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    config.require_paths()  # shipped configs name their input, output and model
+    assert len(config.fingerprint()) == 16
+
+
+def test_pruning_methods_match_the_engine():
+    assert sorted(PRUNING_METHODS) == sorted(METHODS)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (
+            ["pruning.method=visprune"],
+            "pruning.method: Input should be 'none', 'vispruner', 'fastv', 'random' or 'pool'",
+        ),
+        (["pruning.budgt=3"], "unknown key 'pruning.budgt': pruning has method, budget"),
+        (["nope=1"], "unknown key 'nope': top level has task, input"),
+        (["pruning.method=fastv", "pruning.budget=null"], "pruning.budget is required when pruning.method is 'fastv'"),
+        (["task=translate"], "task: Input should be 'caption' or 'qa' (got 'translate')"),
+        (["decode.strategy=beam"], "decode.strategy: Input should be 'greedy' or 'ssd'"),
+        (["media.num_frames=0"], "media.num_frames: Input should be greater than or equal to 1"),
+        (["media.sampling=fps"], "media.fps is required"),
+        (["compute.batch_size=many"], "compute.batch_size: Input should be a valid integer"),
+        (["pruning.budget.x=1"], "pruning.budget is not a section"),
+        (["pruning"], "not of the form dotted.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "demo.yaml", override)
+    assert fragment in str(e.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("task: caption\npruning:\n  methd: none\n")
+    with pytest.raises(ConfigError, match=r"pruning.methd: unknown key; pruning has method, budget"):
+        load_config(path)
+
+
+def test_overrides_apply_in_order_and_parse_yaml_values():
+    config = load_config(
+        ROOT / "configs" / "demo.yaml",
+        ["pruning.method=random", "pruning.budget=7", "pruning.budget=9", "media.max_side=null", "task=qa"],
+    )
+    assert (config.pruning.method, config.pruning.budget, config.media.max_side, config.task) == (
+        "random",
+        9,
+        None,
+        "qa",
+    )
+
+
+def test_fingerprint_tracks_what_changes_outputs_only():
+    base = load_config(ROOT / "configs" / "demo.yaml")
+    same = [
+        "output.uri=/elsewhere",
+        "input.uri=/other",
+        "compute.batch_size=3",
+        "compute.actors=4",
+        "media.timeout_s=5",
+    ]
+    assert load_config(ROOT / "configs" / "demo.yaml", same).fingerprint() == base.fingerprint()
+    for change in [
+        "pruning.budget=7",
+        "pruning.method=none",
+        "decode.max_new_tokens=5",
+        "media.num_frames=2",
+        "prompt.caption=hi",
+        "model.path=/m",
+        "task=qa",
+    ]:
+        assert load_config(ROOT / "configs" / "demo.yaml", [change]).fingerprint() != base.fingerprint(), change
+
+
+def test_require_paths_names_the_missing_key():
+    with pytest.raises(ConfigError, match="input.uri is not set"):
+        load_config(None, []).require_paths()
+
+
+def test_caption_cli_rejects_a_bad_config_before_any_cluster_work():
+    """Exit code 2 and one message; Ray is never imported (checked by the child)."""
+    code = (
+        "import sys; sys.argv=['caption.py','--config','configs/demo.yaml','pruning.method=nope'];"
+        "sys.path.insert(0,'jobs'); import runpy\n"
+        "try:\n    runpy.run_path('jobs/caption.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert 'ray' not in sys.modules, 'ray imported'; raise\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "pruning.method: Input should be 'none', 'vispruner'" in proc.stderr
+    assert "Traceback" not in proc.stderr
