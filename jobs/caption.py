@@ -78,8 +78,5 @@ def show_rows(config: Config, count: int) -> None:
         print(f"\n{r['item_id']} [{r['media_type']}, {tokens}]")
         print(f"  {detail}")
     if "://" not in config.output.uri:
-        print(f"\nquery it: duckdb -c \"SELECT status, count(*) FROM '{config.output.uri}/*.parquet' GROUP BY status\"")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        query = f"SELECT status, count(*) FROM '{config.output.uri}/*.parquet' GROUP BY status"
+        print(f'\nquery it: python -c "import duckdb; duckdb.sql(\\"{query}\\").show()"')

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -122,10 +124,26 @@ def init_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
-    # Under `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster; run directly,
-    # it joins ray.address, else starts a local one.
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    # Under `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster. Run directly,
+    # it joins ray.address, else a live local cluster started by `ray start`, else starts one.
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or live_local_cluster() or "local"
     ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+
+
+def live_local_cluster() -> str | None:
+    """The address of a cluster `ray start` left on this machine, if its GCS still answers.
+
+    ray.init() alone would follow Ray's record of the last such cluster even when that cluster
+    is dead (killed without `ray stop`), and wait on it for minutes.
+    """
+    record = os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray", "ray_current_cluster")
+    try:
+        address = open(record).read().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1):
+            return address
+    except (OSError, ValueError):
+        return None
 
 
 def build_plan(work: list[dict], config: Config, run_id: str):

@@ -208,3 +208,23 @@ def test_inference_actor_killed_mid_run(ray_local, corpus, tmp_path):
     assert len(rows) == 24 == len({r["item_id"] for r in rows})
     assert all(r["status"] == "ok" for r in rows)
     assert summary.duplicates == summary.missing == 0
+
+
+def test_stale_local_cluster_record_is_ignored(tmp_path, monkeypatch):
+    """Ray's record of the last `ray start` cluster outlives a killed cluster; following it blindly
+    hangs ray.init(). Only a record whose GCS answers is joined."""
+    import socket
+
+    from pipeline.run import live_local_cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    record = tmp_path / "ray" / "ray_current_cluster"
+    assert live_local_cluster() is None  # no record
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        record.write_text(f"127.0.0.1:{port}\n")
+        assert live_local_cluster() == f"127.0.0.1:{port}"
+    assert live_local_cluster() is None  # the port is closed now: a dead cluster
