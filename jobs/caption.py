@@ -80,3 +80,7 @@ def show_rows(config: Config, count: int) -> None:
     if "://" not in config.output.uri:
         query = f"SELECT status, count(*) FROM '{config.output.uri}/*.parquet' GROUP BY status"
         print(f'\nquery it: python -c "import duckdb; duckdb.sql(\\"{query}\\").show()"')
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -115,6 +115,8 @@ class MediaConfig(_Section):
     max_side: int | None = Field(1344, ge=16)  # downscale larger frames before they travel to the GPU actors
     timeout_s: float = Field(60.0, gt=0)
     max_memory_mb: int | None = Field(8192, ge=512)  # the decode child alone maps about 300 MB
+    # pyav: decode in order, counting frames that really decode; decord: seek to the sampled frames
+    video_decoder: Literal["pyav", "decord"] = "pyav"
 
     @model_validator(mode="after")
     def _fps_needed(self) -> MediaConfig:
@@ -178,7 +180,7 @@ class Config(_Section):
             "prompt": self.prompt.model_dump(),
             "pruning": self.pruning.model_dump(),
             "decode": self.decode.model_dump(),
-            "media": self.media.model_dump(exclude={"timeout_s", "max_memory_mb", "max_bytes"}),
+            "media": self.media.model_dump(exclude={"timeout_s", "max_memory_mb", "max_bytes", "video_decoder"}),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -106,6 +106,10 @@ class MediaOptions:
     max_side: int | None = None  # if set, downscale (aspect kept, bicubic) so that max(height, width) <= max_side
     timeout_s: float = 60.0  # wall clock per item in the DecodeWorker's child process
     max_memory_mb: int | None = 8192  # address-space cap (RLIMIT_AS) of the child process; None: no cap
+    # "pyav": decode every frame in order (frame counts from frames that really decode; decord as the
+    # fallback). "decord": decord's seeking get_batch at the sampled indices, after PyAV's demux-only probe
+    # (faster on long videos; refuses a file whose frame count the two disagree on).
+    video_decoder: str = "pyav"
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -127,6 +131,7 @@ class MediaOptions:
         need(is_int(self.max_pixels) and self.max_pixels >= 1, "max_pixels", "an integer >= 1")
         need(self.max_side is None or (is_int(self.max_side) and self.max_side >= 1), "max_side", "None or >= 1")
         need(is_positive(self.timeout_s), "timeout_s", "a number of seconds > 0")
+        need(self.video_decoder in ("pyav", "decord"), "video_decoder", "'pyav' or 'decord'")
         # The child maps ~300 MB of address space (Python, numpy, FFmpeg, Pillow) before it decodes anything,
         # so caps under ~512 MB leave next to nothing for decoding (256 is pipeline.config's lower bound).
         need(
@@ -337,7 +342,7 @@ def decode(data: bytes, name: str, options: MediaOptions = MediaOptions()) -> De
         if sniffed.kind == "video" and sniffed.fmt == "gif":
             return _decode_gif(data, options)
         if sniffed.kind == "video":
-            return _decode_video(data, sniffed, options)
+            return _decode_video(data, sniffed, options, options.video_decoder)
     except MediaError:
         raise
     except MemoryError as e:

@@ -9,6 +9,7 @@ import pickle
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -416,3 +417,15 @@ def test_the_caller_is_still_alive():
     # Every test above ran in this process; being here is the assertion. Make it explicit anyway.
     os.kill(os.getpid(), 0)
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the child's handler change stayed there
+
+
+def test_decord_option_decodes_the_same_frames(ramp):
+    """media.video_decoder=decord (seeking get_batch) picks and decodes the same frames as PyAV."""
+    _, data = ramp
+    for sampling in (MediaOptions(num_frames=5), MediaOptions(num_frames=4, sampling="fps", fps=3.0)):
+        pyav = decode(data, "ramp.mp4", sampling)
+        seeking = decode(data, "ramp.mp4", replace(sampling, video_decoder="decord"))
+        assert seeking.info["frame_indices"] == pyav.info["frame_indices"]
+        np.testing.assert_array_equal(seeking.frames, pyav.frames)
+    with pytest.raises(ValueError, match="video_decoder"):
+        MediaOptions(video_decoder="opencv")
