@@ -33,7 +33,8 @@ pytestmark = pytest.mark.timeout(600)
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # address="local": a fresh cluster, whatever Ray's record of an earlier `ray start` says
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -105,12 +106,16 @@ def test_broken_media_one_row_each(ray_local, corpus, tmp_path):
     media = tmp_path / "media"
     cases = write_broken_media(media)
     shutil.copy(corpus / "images" / "img_00000000.png", media / "good.png")
-    config = job_config(media, tmp_path / "out", "media.timeout_s=20", "input.extensions=null")
+    (media / "oversized.mp4").write_bytes(b"\0" * 3_000_000)  # over media.max_bytes: refused unread
+    config = job_config(
+        media, tmp_path / "out", "media.timeout_s=20", "input.extensions=null", "media.max_bytes=2000000"
+    )
     summary = run(config, log=lambda *_: None)
     rows = {r["item_id"]: r for r in rows_of(tmp_path / "out")}
     files = sorted(p.name for p in media.iterdir() if not p.name.startswith((".", "_")))
     assert sorted(rows) == files  # one row per input file, none lost, none doubled
     assert rows["good.png"]["status"] == "ok"
+    assert rows["oversized.mp4"]["error_kind"] == "too_large" and "media.max_bytes" in rows["oversized.mp4"]["error"]
     for case in cases:
         row = rows[case.name]
         assert row["status"] == case.expect_status, (case, row["error"])
@@ -120,7 +125,28 @@ def test_broken_media_one_row_each(ray_local, corpus, tmp_path):
         else:
             assert row["text"]
     assert summary.duplicates == summary.missing == 0
-    assert summary.errors == sum(c.expect_status == "error" for c in cases)
+    assert summary.errors == sum(c.expect_status == "error" for c in cases) + 1
+
+
+def test_manifest_with_missing_and_remote_media(ray_local, corpus, tmp_path):
+    """A manifest row whose file is gone gets a not_found row; the others are answered."""
+    manifest = tmp_path / "manifest.jsonl"
+    records = [
+        {"id": "a", "uri": str(corpus / "images" / "img_00000001.png"), "question": "how many objects are there ?"},
+        {"id": "b", "uri": str(tmp_path / "gone.png"), "question": "how many objects are there ?"},
+        {"id": "c", "uri": str(corpus / "videos" / "vid_00000000.mp4"), "question": "what colour is the square ?"},
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = job_config(manifest, tmp_path / "out", "task=qa", "input.kind=manifest", "decode.max_new_tokens=4")
+    summary = run(config, log=lambda *_: None)
+    rows = {r["item_id"]: r for r in rows_of(tmp_path / "out")}
+    assert sorted(rows) == ["a", "b", "c"]
+    assert (
+        rows["b"]["status"] == "error" and rows["b"]["error_kind"] == "not_found" and "gone.png" in rows["b"]["error"]
+    )
+    assert rows["a"]["status"] == rows["c"]["status"] == "ok"
+    assert rows["a"]["question"] == "how many objects are there ?" and rows["c"]["media_type"] == "video"
+    assert (summary.ok, summary.errors) == (2, 1)
 
 
 def test_rerun_skips_done_items_and_new_config_gets_new_rows(ray_local, corpus, tmp_path):
