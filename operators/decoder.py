@@ -38,7 +38,7 @@ def kv_geometry(lm: nn.Module) -> tuple[int, int]:
     return getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
-def new_group(lm: nn.Module, layers: range, batch: int, capacity: int, like: torch.Tensor) -> CacheGroup:
+def new_group(lm: nn.Module, layers: range | list[int], batch: int, capacity: int, like: torch.Tensor) -> CacheGroup:
     kv_heads, head_dim = kv_geometry(lm)
     return CacheGroup(layers, batch, kv_heads, head_dim, capacity, like.dtype, like.device)
 
@@ -51,17 +51,20 @@ def run_layers(
     cache: KVCache,
     group: CacheGroup,
     layer_inputs: dict[int, torch.Tensor] | None = None,
+    modules: dict[int, nn.Module] | None = None,
 ) -> torch.Tensor:
     """Run the group's layers on a block hidden [B, q, D] at positions [B, q]; commit it to the cache.
 
     ``layer_inputs``, when given, receives the hidden state entering each layer (for scoring).
+    ``modules`` maps the group's layer ids to modules outside the base stack (a twig's layers).
     """
     mask = group.attention_mask(block_valid)
     position_embeddings = lm.rotary_emb(hidden, positions)
     for index in group.layers:
         if layer_inputs is not None:
             layer_inputs[index] = hidden
-        out = lm.layers[index](
+        layer = modules[index] if modules is not None else lm.layers[index]
+        out = layer(
             hidden,
             attention_mask=mask,
             position_ids=positions,
@@ -75,14 +78,20 @@ def run_layers(
 
 
 def last_token_attention(
-    lm: nn.Module, layer_index: int, layer_input: torch.Tensor, positions: torch.Tensor, group: CacheGroup
+    lm: nn.Module,
+    layer_index: int,
+    layer_input: torch.Tensor,
+    positions: torch.Tensor,
+    group: CacheGroup,
+    layer: nn.Module | None = None,
 ) -> torch.Tensor:
     """Head-mean attention of each row's last token over all keys in ``layer_index``. -> [B, S].
 
     Recomputes only the last query row against the keys already in the cache (post-RoPE), so
-    no [B, H, S, S] map is built and the layer can stay on SDPA.
+    no [B, H, S, S] map is built and the layer can stay on SDPA. ``layer`` overrides the base
+    layer (a twig's last layer, cached under its own id).
     """
-    layer = lm.layers[layer_index]
+    layer = layer if layer is not None else lm.layers[layer_index]
     attn = layer.self_attn
     batch = layer_input.shape[0]
     normed = layer.input_layernorm(layer_input[:, -1:])  # [B, 1, D]

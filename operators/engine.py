@@ -14,7 +14,8 @@ from operators import accounting
 from operators.adapters import RowInputs, Segments, Stream, make_adapter, placeholder_spans
 from operators.decoder import text_model
 from operators.generate import greedy_generate
-from operators.pruning import METHODS, PRE_LLM_METHODS, prune_none, prune_random, prune_vispruner
+from operators.pruning import IN_LLM_METHODS, METHODS, PRE_LLM_METHODS, prune_none, prune_random, prune_vispruner
+from operators.speculative import ssd_generate, ttp_generate
 
 
 @dataclass
@@ -26,6 +27,10 @@ class EngineConfig:
     max_new_tokens: int = 64
     seed: int = 0  # for the random baseline
     pad_to_square: bool = False  # LLaVA-1.5: pad images to square like the original evaluation
+    decode_strategy: str = "greedy"  # "greedy" or "ssd" (TwigVLM self-speculative; needs a twig)
+    max_draft: int = 5  # SSD: draft tokens per round at most (TwigVLM's delta)
+    draft_threshold: float = 0.6  # SSD: stop a row's draft at a token with probability below this (theta)
+    finalwipe_layer: int | None = None  # TTP: first text-only base layer (0-indexed); None: 3/4 of the depth
 
     def __post_init__(self):
         if self.pruning_method not in METHODS:
@@ -36,6 +41,10 @@ class EngineConfig:
             raise ValueError(f"pruning.budget is required for pruning.method={self.pruning_method!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.decode_strategy not in ("greedy", "ssd"):
+            raise ValueError(f"decode.strategy: unknown {self.decode_strategy!r}; allowed: greedy, ssd")
+        if self.max_draft < 1 or not 0.0 <= self.draft_threshold <= 1.0:
+            raise ValueError("max_draft must be >= 1 and draft_threshold in [0, 1]")
 
 
 @dataclass
@@ -50,10 +59,14 @@ class Result:
     text: str
     token_ids: list[int]
     visual_tokens_total: int  # visual tokens the unpruned model would see
-    visual_tokens_kept: int  # visual tokens in the language model after pruning (FastV: after layer K)
+    visual_tokens_kept: int  # visual tokens in the language model after pruning (FastV/TTP: after layer K)
+    visual_tokens_layer_mean: float  # visual tokens averaged over LLM layers (TwigVLM's R-bar)
     prefill_flops: float  # estimate: language model + vision tower + projector
     kv_cache_bytes: int  # prompt KV cache of this row, all layers
     stage_ms: dict[str, float]  # batch wall time per stage divided by the batch size
+    drafted: int | None = None  # SSD: draft tokens proposed by the twig
+    accepted: int | None = None  # SSD: draft tokens the base accepted
+    rounds: int | None = None  # SSD: verification rounds
 
 
 def media_generator(seed: int, media) -> torch.Generator:
@@ -66,10 +79,14 @@ def media_generator(seed: int, media) -> torch.Generator:
 class Engine:
     """Holds a loaded LLaVA-family model and runs batches of requests."""
 
-    def __init__(self, model: nn.Module, processor, config: EngineConfig | None = None):
+    def __init__(self, model: nn.Module, processor, config: EngineConfig | None = None, twig: nn.Module | None = None):
         self.model = model.eval()
         self.processor = processor
         self.config = config or EngineConfig()
+        self.twig = twig.eval() if twig is not None else None
+        needs_twig = self.config.pruning_method == "ttp" or self.config.decode_strategy == "ssd"
+        if needs_twig and twig is None:
+            raise ValueError("pruning.method=ttp and decode.strategy=ssd need a trained twig (decode.twig)")
         self.adapter = make_adapter(model, processor, self.config.pad_to_square)
         self.lm = text_model(model)
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -100,22 +117,43 @@ class Engine:
         times["prune"] += time.perf_counter() - t
 
         embeds, positions, valid, visual, prunable, totals, segment_counts = self._build_batch(rows, streams)
-        fastv = cfg.pruning_method == "fastv"
-        fastv_keep = None
-        if fastv:  # EngineConfig requires a budget for fastv
-            fastv_keep = torch.tensor([cfg.budget * n for n in segment_counts], device=self.device)
-        out = greedy_generate(
-            self.model,
-            embeds,
-            positions,
-            valid,
-            cfg.max_new_tokens,
-            self.eos_token_ids,
-            self.pad_token_id,
-            prunable=prunable,
-            fastv_layer=cfg.fastv_layer if fastv else None,
-            fastv_keep=fastv_keep,
-        )
+        in_llm_keep = None
+        if cfg.pruning_method in IN_LLM_METHODS:  # EngineConfig requires a budget for these
+            in_llm_keep = torch.tensor([cfg.budget * n for n in segment_counts], device=self.device)
+        stats = None
+        if self.twig is not None and (cfg.decode_strategy == "ssd" or cfg.pruning_method == "ttp"):
+            ttp = cfg.pruning_method == "ttp"
+            args = (
+                self.model,
+                self.twig,
+                embeds,
+                positions,
+                valid,
+                prunable,
+                in_llm_keep if ttp else None,
+                self.finalwipe_layer() if ttp else None,
+                cfg.max_new_tokens,
+                self.eos_token_ids,
+                self.pad_token_id,
+            )
+            if cfg.decode_strategy == "ssd":
+                out, stats = ssd_generate(*args, max_draft=cfg.max_draft, threshold=cfg.draft_threshold, visual=visual)
+            else:
+                out = ttp_generate(*args, visual=visual)
+        else:
+            fastv = cfg.pruning_method == "fastv"
+            out = greedy_generate(
+                self.model,
+                embeds,
+                positions,
+                valid,
+                cfg.max_new_tokens,
+                self.eos_token_ids,
+                self.pad_token_id,
+                prunable=prunable,
+                fastv_layer=cfg.fastv_layer if fastv else None,
+                fastv_keep=in_llm_keep if fastv else None,
+            )
         times["prefill"] += out.prefill_s
         times["decode"] += out.decode_s
 
@@ -127,20 +165,33 @@ class Engine:
             n_tokens = int(out.lengths[row])
             ids = out.tokens[row, :n_tokens].tolist()
             tokens_per_layer = out.prefill_state.tokens_per_layer[row].tolist()
-            # Visual tokens in the deepest layers: FastV's count is what survives layer K.
-            visual_in_llm = int(tokens_per_layer[-1] - text_count[row])
+            # Visual tokens per layer; "kept" is the smallest non-zero count: what survives FastV's or
+            # TTP's layer K (TTP's FinalWipe layers hold none), and everything for pre-LLM methods.
+            per_layer = [int(n - text_count[row]) for n in tokens_per_layer]
+            visual_in_llm = min([v for v in per_layer if v > 0], default=0)
             results.append(
                 Result(
                     text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
                     token_ids=ids,
                     visual_tokens_total=totals[row],
                     visual_tokens_kept=visual_in_llm,
+                    visual_tokens_layer_mean=sum(per_layer) / len(per_layer),
                     prefill_flops=accounting.language_model_flops(self.lm.config, tokens_per_layer) + flops_extra[row],
                     kv_cache_bytes=accounting.kv_cache_bytes(self.lm.config, tokens_per_layer, embeds.element_size()),
                     stage_ms=dict(stage_ms),
+                    drafted=None if stats is None else int(stats.drafted[row]),
+                    accepted=None if stats is None else int(stats.accepted[row]),
+                    rounds=None if stats is None else int(stats.rounds[row]),
                 )
             )
         return results
+
+    def finalwipe_layer(self) -> int:
+        """TTP's K_f: the configured layer, else 3/4 of the depth (TwigVLM's 24 of 32), after the twig's K."""
+        n_layers = len(self.lm.layers)
+        if self.config.finalwipe_layer is not None:
+            return self.config.finalwipe_layer
+        return max(self.twig.K + 1, min(n_layers, round(0.75 * n_layers)))
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -235,7 +286,7 @@ class Engine:
 
     def _check_unpruned_count(self, row: RowInputs, row_streams: list[Stream], runs) -> None:
         """Unpruned, each stream must fill its placeholder run exactly (as HF checks)."""
-        if self.config.pruning_method in ("none", "fastv"):
+        if self.config.pruning_method in ("none", *IN_LLM_METHODS):
             for (start, end), stream in zip(runs, row_streams, strict=True):
                 if end - start != stream.embeds.shape[0]:
                     raise ValueError(

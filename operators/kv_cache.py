@@ -20,7 +20,7 @@ class CacheGroup:
 
     def __init__(
         self,
-        layers: range,
+        layers: range | list[int],
         batch: int,
         kv_heads: int,
         head_dim: int,
@@ -69,6 +69,18 @@ class CacheGroup:
         q = block_valid.shape[1]
         self.valid[:, self.length : self.length + q] = block_valid
         self.length += q
+
+    def drop(self, slots: torch.Tensor, start: int) -> None:
+        """Invalidate per-row slots [B, q] (True = drop) of a block written at ``start``.
+
+        Rejected drafts become holes every later query masks out; ``trim`` then returns the
+        trailing slots no row holds, so a round where every row rejects costs no capacity.
+        """
+        self.valid[:, start : start + slots.shape[1]] &= ~slots
+
+    def trim(self) -> None:
+        held = self.valid[:, : self.length].any(dim=0).nonzero()
+        self.length = int(held.max()) + 1 if len(held) else 0
 
     def nbytes_per_row(self) -> int:
         """KV bytes one row occupies for the tokens written so far (valid or not)."""

@@ -175,7 +175,7 @@ PRE_LLM_METHODS: dict[str, PruneFn] = {
     "random": prune_random,
     "pool": prune_pool,
 }
-IN_LLM_METHODS = ("fastv",)
+IN_LLM_METHODS = ("fastv", "ttp")  # ttp: twig-guided, needs a twig (operators/speculative.py)
 METHODS = tuple(PRE_LLM_METHODS) + IN_LLM_METHODS
 
 

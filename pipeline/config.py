@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Bumped when the Parquet schema or the meaning of a column changes; part of the fingerprint.
-OUTPUT_SCHEMA_VERSION = 1
-PRUNING_METHODS = ("none", "vispruner", "fastv", "random", "pool")  # operators.pruning.METHODS (tested equal)
+OUTPUT_SCHEMA_VERSION = 2
+PRUNING_METHODS = ("none", "vispruner", "fastv", "random", "pool", "ttp")  # operators.pruning.METHODS (tested equal)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "3gp")
 
@@ -76,11 +76,12 @@ class PromptConfig(_Section):
 
 
 class PruningConfig(_Section):
-    method: Literal["none", "vispruner", "fastv", "random", "pool"] = "none"
-    budget: int | None = Field(None, ge=1)  # visual tokens kept per image / crop / frame
+    method: Literal["none", "vispruner", "fastv", "random", "pool", "ttp"] = "none"
+    budget: int | None = Field(None, ge=1)  # visual tokens kept per image / crop / frame (TTP: R, at layer K)
     important_ratio: float = Field(0.5, ge=0.0, le=1.0)  # VisPruner: share of the budget for important tokens
     fastv_layer: int = Field(2, ge=1)  # FastV's K
     seed: int = 0  # random baseline
+    finalwipe_layer: int | None = Field(None, ge=1)  # TTP's K_f (None: 3/4 of the depth)
 
     @model_validator(mode="after")
     def _budget_needed(self) -> PruningConfig:
@@ -92,15 +93,9 @@ class PruningConfig(_Section):
 class DecodeConfig(_Section):
     strategy: Literal["greedy", "ssd"] = "greedy"
     max_new_tokens: int = Field(64, ge=1, le=8192)
-    twig: str | None = None  # decode.strategy=ssd: trained twig directory or URI
-
-    @model_validator(mode="after")
-    def _ssd_needs_twig(self) -> DecodeConfig:
-        if self.strategy == "ssd":
-            raise ValueError(
-                "decode.strategy=ssd (TwigVLM self-speculative decoding) is not implemented yet; allowed now: 'greedy'"
-            )
-        return self
+    twig: str | None = None  # trained twig directory or URI (decode.strategy=ssd, pruning.method=ttp)
+    max_draft: int = Field(5, ge=1, le=64)  # SSD: draft tokens per round (delta)
+    draft_threshold: float = Field(0.6, ge=0.0, le=1.0)  # SSD: stop drafting below this probability (theta)
 
 
 class MediaConfig(_Section):
@@ -156,6 +151,12 @@ class Config(_Section):
     media: MediaConfig = Field(default_factory=MediaConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _twig_needed(self) -> Config:
+        if (self.decode.strategy == "ssd" or self.pruning.method == "ttp") and not self.decode.twig:
+            raise ValueError("decode.twig is required when decode.strategy is 'ssd' or pruning.method is 'ttp'")
+        return self
 
     def require_paths(self) -> None:
         """The keys a run cannot do without (YAML may leave them to the command line)."""

@@ -53,6 +53,12 @@ class InferenceStage:
             dtype = "bfloat16" if device == "cuda" else "float32"
         options = fsspec_options(cfg.model.path, **(storage_config or {}))
         model, processor = load_vlm(cfg.model.path, dtype=dtype, device=device, storage_options=options)
+        twig = None
+        if cfg.decode.twig:
+            from operators.twig import load_twig
+
+            twig_options = fsspec_options(cfg.decode.twig, **(storage_config or {}))
+            twig = load_twig(cfg.decode.twig, model, storage_options=twig_options)
         self.engine = Engine(
             model,
             processor,
@@ -64,7 +70,12 @@ class InferenceStage:
                 max_new_tokens=cfg.decode.max_new_tokens,
                 seed=cfg.pruning.seed,
                 pad_to_square=cfg.model.pad_to_square,
+                decode_strategy=cfg.decode.strategy,
+                max_draft=cfg.decode.max_draft,
+                draft_threshold=cfg.decode.draft_threshold,
+                finalwipe_layer=cfg.pruning.finalwipe_layer,
             ),
+            twig=twig,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -99,7 +110,11 @@ class InferenceStage:
                 text=result.text,
                 visual_tokens_total=result.visual_tokens_total,
                 visual_tokens_kept=result.visual_tokens_kept,
+                visual_tokens_layer_mean=result.visual_tokens_layer_mean,
                 generated_tokens=len(result.token_ids),
+                drafted_tokens=result.drafted,
+                accepted_tokens=result.accepted,
+                draft_rounds=result.rounds,
                 prefill_flops=result.prefill_flops,
                 kv_cache_bytes=result.kv_cache_bytes,
                 latency_ms=share_ms,
@@ -140,8 +155,12 @@ class InferenceStage:
             "pruning_budget": cfg.pruning.budget,
             "visual_tokens_total": None,
             "visual_tokens_kept": None,
+            "visual_tokens_layer_mean": None,
             "decode_strategy": cfg.decode.strategy,
             "generated_tokens": None,
+            "drafted_tokens": None,
+            "accepted_tokens": None,
+            "draft_rounds": None,
             "num_frames": None if failed else row["frame_shape"][0],
             "prefill_flops": None,
             "kv_cache_bytes": None,

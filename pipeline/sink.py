@@ -41,8 +41,12 @@ SCHEMA = pa.schema(
         ("pruning_budget", pa.int32()),
         ("visual_tokens_total", pa.int32()),
         ("visual_tokens_kept", pa.int32()),
+        ("visual_tokens_layer_mean", pa.float64()),  # averaged over LLM layers (TwigVLM's R-bar)
         ("decode_strategy", pa.string()),
         ("generated_tokens", pa.int32()),
+        ("drafted_tokens", pa.int32()),  # SSD: tokens the twig drafted (null for greedy)
+        ("accepted_tokens", pa.int32()),  # SSD: drafts the base accepted
+        ("draft_rounds", pa.int32()),  # SSD: verification rounds
         ("num_frames", pa.int32()),
         ("prefill_flops", pa.float64()),
         ("kv_cache_bytes", pa.int64()),

@@ -35,13 +35,15 @@ def test_pruning_methods_match_the_engine():
     [
         (
             ["pruning.method=visprune"],
-            "pruning.method: Input should be 'none', 'vispruner', 'fastv', 'random' or 'pool'",
+            "pruning.method: Input should be 'none', 'vispruner', 'fastv', 'random', 'pool' or 'ttp'",
         ),
         (["pruning.budgt=3"], "unknown key 'pruning.budgt': pruning has method, budget"),
         (["nope=1"], "unknown key 'nope': top level has task, input"),
         (["pruning.method=fastv", "pruning.budget=null"], "pruning.budget is required when pruning.method is 'fastv'"),
         (["task=translate"], "task: Input should be 'caption' or 'qa' (got 'translate')"),
         (["decode.strategy=beam"], "decode.strategy: Input should be 'greedy' or 'ssd'"),
+        (["decode.strategy=ssd"], "decode.twig is required when decode.strategy is 'ssd' or pruning.method is 'ttp'"),
+        (["pruning.method=ttp"], "decode.twig is required"),
         (["media.num_frames=0"], "media.num_frames: Input should be greater than or equal to 1"),
         (["media.sampling=fps"], "media.fps is required"),
         (["compute.batch_size=many"], "compute.batch_size: Input should be a valid integer"),

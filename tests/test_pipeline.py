@@ -149,6 +149,31 @@ def test_manifest_with_missing_and_remote_media(ray_local, corpus, tmp_path):
     assert (summary.ok, summary.errors) == (2, 1)
 
 
+def test_ssd_captions_equal_greedy_captions(ray_local, corpus, tmp_path):
+    """decode.strategy=ssd writes the same captions as greedy (TwigVLM's SSD is lossless), with
+    draft counts; the twig here is freshly grown, so equality cannot come from a good twig."""
+    from operators.loading import load_vlm
+    from operators.twig import grow_twig, save_twig
+
+    model, _ = load_vlm(ROOT / "models" / "shapes-llava")
+    save_twig(grow_twig(model, K=2, T=1), tmp_path / "twig", model)
+    twig = f"decode.twig='{tmp_path / 'twig'}'"
+    out = tmp_path / "out"
+    greedy = run(job_config(corpus, out, twig, "decode.max_new_tokens=40"), log=lambda *_: None)
+    ssd = run(job_config(corpus, out, twig, "decode.max_new_tokens=40", "decode.strategy=ssd"), log=lambda *_: None)
+    rows = rows_of(out)
+    by_config = {
+        fp: {r["item_id"]: r for r in rows if r["config_fingerprint"] == fp}
+        for fp in (greedy.config_fingerprint, ssd.config_fingerprint)
+    }
+    plain, speculative = by_config[greedy.config_fingerprint], by_config[ssd.config_fingerprint]
+    assert len(plain) == len(speculative) == 9
+    for item_id, row in plain.items():
+        assert speculative[item_id]["text"] == row["text"], item_id
+        assert speculative[item_id]["decode_strategy"] == "ssd" and row["drafted_tokens"] is None
+        assert 0 <= speculative[item_id]["accepted_tokens"] <= speculative[item_id]["drafted_tokens"]
+
+
 def test_rerun_skips_done_items_and_new_config_gets_new_rows(ray_local, corpus, tmp_path):
     out = tmp_path / "out"
     first = run(job_config(corpus, out, "input.limit=4"), log=lambda *_: None)

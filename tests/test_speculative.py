@@ -1,0 +1,305 @@
+"""TTP and self-speculative decoding: batched SSD equals plain greedy decoding of the same pruned base.
+
+Tiny random-weight models built in code; twigs grown from them. Stub twig heads force the
+never / always / sometimes-accept regimes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from operators import speculative as sp
+from operators.decoder import text_model
+from operators.engine import Engine, EngineConfig, Request, format_prompt
+from operators.twig import grow_twig
+from tests.conftest import random_image, random_video
+
+
+def batch_inputs(model, processor, seeds, family="llava"):
+    """Embeddings of a batch of prompts of different lengths (left padded), like the engine builds them."""
+    engine = Engine(model, processor, EngineConfig(max_new_tokens=8))
+    questions = ["describe", "what is in the image", "count the things in it please", "colour ?"]
+    requests = []
+    for i, seed in enumerate(seeds):
+        if family == "video_llava" and i % 2:
+            requests.append(Request(format_prompt(processor, questions[i % 4], "video"), video=random_video(seed)))
+        else:
+            requests.append(Request(format_prompt(processor, questions[i % 4]), images=[random_image(seed)]))
+    rows = [engine.adapter.preprocess(r.prompt, r.images, r.video) for r in requests]
+    streams, _ = engine._prune_and_assemble(rows, engine._encode(rows))
+    embeds, positions, valid, _, prunable, _, segments = engine._build_batch(rows, streams)
+    return engine, embeds, positions, valid, prunable, torch.tensor(segments)
+
+
+def generate_both(model, twig, inputs, keep, finalwipe, max_new, eos, max_draft=5, threshold=0.6):
+    engine, embeds, positions, valid, prunable, _ = inputs
+    eos = eos if eos is not None else engine.eos_token_ids
+    ar = sp.ttp_generate(
+        model, twig, embeds, positions, valid, prunable, keep, finalwipe, max_new, eos, engine.pad_token_id
+    )
+    ssd, stats = sp.ssd_generate(
+        model,
+        twig,
+        embeds,
+        positions,
+        valid,
+        prunable,
+        keep,
+        finalwipe,
+        max_new,
+        eos,
+        engine.pad_token_id,
+        max_draft=max_draft,
+        threshold=threshold,
+    )
+    return ar, ssd, stats
+
+
+def assert_same(ar, ssd):
+    assert ssd.lengths.tolist() == ar.lengths.tolist()
+    for row in range(ar.tokens.shape[0]):
+        n = int(ar.lengths[row])
+        assert ssd.tokens[row, :n].tolist() == ar.tokens[row, :n].tolist(), f"row {row}"
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_ssd_equals_greedy_over_budgets_and_draft_lengths(tiny, family, batch):
+    model, processor = tiny(family)
+    n_layers = len(text_model(model).layers)
+    twig = grow_twig(model, K=1, T=2)
+    inputs = batch_inputs(model, processor, range(100 * batch, 100 * batch + batch), family)
+    segments = inputs[-1]
+    for budget, finalwipe in [(None, None), (3, None), (3, n_layers - 1), (12, n_layers - 1)]:
+        keep = None if budget is None else budget * segments
+        for max_draft, threshold, max_new in [(1, 0.0, 9), (3, 0.6, 13), (5, 0.0, 17)]:
+            ar, ssd, stats = generate_both(model, twig, inputs, keep, finalwipe, max_new, None, max_draft, threshold)
+            assert_same(ar, ssd)
+            assert bool((stats.accepted <= stats.drafted).all())
+
+
+def test_unpruned_reference_equals_the_engine(tiny):
+    """The SSD reference (ttp_generate without pruning) is the engine's plain greedy output."""
+    model, processor = tiny("llava")
+    twig = grow_twig(model, K=2, T=1)
+    inputs = batch_inputs(model, processor, range(4))
+    engine = inputs[0]
+    ar = sp.ttp_generate(model, twig, *inputs[1:5], None, None, 12, engine.eos_token_ids, engine.pad_token_id)
+    engine.config = EngineConfig(max_new_tokens=12)
+    requests = [
+        Request(format_prompt(processor, q), images=[random_image(s)])
+        for s, q in zip(
+            range(4), ["describe", "what is in the image", "count the things in it please", "colour ?"], strict=True
+        )
+    ]
+    expected = [r.token_ids for r in engine.generate(requests)]
+    assert [ar.tokens[i, : ar.lengths[i]].tolist() for i in range(4)] == expected
+
+
+def test_always_accept_when_the_twig_is_the_rest_of_the_base(tiny):
+    """A twig made of all remaining base layers with the base's head drafts exactly what the base says."""
+    model, processor = tiny("llava")
+    n_layers = len(text_model(model).layers)
+    twig = grow_twig(model, K=1, T=n_layers - 1)
+    inputs = batch_inputs(model, processor, range(10, 14))
+    ar, ssd, stats = generate_both(model, twig, inputs, None, None, 20, None, max_draft=4, threshold=0.0)
+    assert_same(ar, ssd)
+    assert int(stats.drafted.sum()) > 0 and torch.equal(stats.accepted, stats.drafted)
+    # Rounds: every round accepts 4 drafts + 1 bonus until the end (20 tokens = first + 19 more).
+    assert stats.rounds.tolist() == [4] * 4
+
+
+class FixedHead(nn.Module):
+    """Stub twig head: always the same token, with full confidence."""
+
+    def __init__(self, token: int, vocab: int):
+        super().__init__()
+        self.token, self.vocab = token, vocab
+
+    def forward(self, hidden):
+        logits = torch.full((*hidden.shape[:-1], self.vocab), -30.0)
+        logits[..., self.token] = 30.0
+        return logits
+
+
+def test_never_accept_still_equals_greedy(tiny):
+    model, processor = tiny("llava")
+    twig = grow_twig(model, K=1, T=1)
+    inputs = batch_inputs(model, processor, range(20, 23))
+    engine = inputs[0]
+    ar = sp.ttp_generate(model, twig, *inputs[1:5], None, None, 10, engine.eos_token_ids, engine.pad_token_id)
+    unused = next(t for t in range(model.config.text_config.vocab_size) if t not in ar.tokens.flatten().tolist())
+    twig.head = FixedHead(unused, model.config.text_config.vocab_size)
+    ar, ssd, stats = generate_both(model, twig, inputs, None, None, 10, None, max_draft=3, threshold=0.0)
+    assert_same(ar, ssd)
+    assert int(stats.drafted.sum()) > 0 and int(stats.accepted.sum()) == 0
+
+
+def test_sometimes_accept_rows_take_their_own_prefix_lengths(tiny):
+    """Rows of one batch accept different numbers of drafts and still match greedy exactly."""
+    model, processor = tiny("llava")
+    n_layers = len(text_model(model).layers)
+    twig = grow_twig(model, K=1, T=n_layers - 1)
+    inputs = batch_inputs(model, processor, range(30, 38))
+    keep = 4 * inputs[-1]  # the base is pruned, the twig sees everything: they disagree sometimes
+    ar, ssd, stats = generate_both(model, twig, inputs, keep, n_layers - 1, 24, None, max_draft=5, threshold=0.0)
+    assert_same(ar, ssd)
+    rate = stats.accepted.float() / stats.drafted.clamp(min=1).float()
+    assert 0 < int(stats.accepted.sum()) < int(stats.drafted.sum())
+    assert len(set(rate.tolist())) > 1  # different rows, different acceptance
+
+
+def test_eos_inside_a_draft_and_max_new_tokens_mid_draft(tiny):
+    model, processor = tiny("llava")
+    n_layers = len(text_model(model).layers)
+    twig = grow_twig(model, K=1, T=n_layers - 1)  # always accepts: EOS arrives inside a draft
+    inputs = batch_inputs(model, processor, range(40, 44))
+    engine = inputs[0]
+    free = sp.ttp_generate(model, twig, *inputs[1:5], None, None, 16, engine.eos_token_ids, engine.pad_token_id)
+    eos = int(free.tokens[1, 6])  # pretend the 7th token of row 1 is EOS
+    ar, ssd, stats = generate_both(model, twig, inputs, None, None, 16, [eos], max_draft=5, threshold=0.0)
+    assert_same(ar, ssd)
+    assert int(ar.lengths[1]) <= 7 and int(ssd.tokens[1, ar.lengths[1] - 1]) == eos
+    for max_new in (1, 2, 7, 11):  # not multiples of the round size: the limit lands mid-draft
+        ar, ssd, _ = generate_both(model, twig, inputs, None, None, max_new, None, max_draft=5, threshold=0.0)
+        assert_same(ar, ssd)
+        assert int(ssd.lengths.max()) <= max_new
+
+
+def test_ttp_keeps_text_plus_r_visual_tokens_and_wipes_them_later(tiny):
+    model, processor = tiny("llava")
+    lm = text_model(model)
+    n_layers = len(lm.layers)
+    twig = grow_twig(model, K=1, T=1)
+    engine, embeds, positions, valid, prunable, segments = batch_inputs(model, processor, range(50, 53))
+    keep = 5 * segments
+    state = sp.ttp_prefill(model, twig, embeds, positions, valid, prunable, keep, n_layers - 1, 4)
+    text = (valid & ~prunable).sum(dim=1)
+    total = valid.sum(dim=1)
+    assert state.tokens_per_layer[:, 0].tolist() == total.tolist()  # layers 1..K: everything
+    assert state.tokens_per_layer[:, 1].tolist() == (text + keep).tolist()  # K+1..K_f: text + R
+    assert state.tokens_per_layer[:, -1].tolist() == text.tolist()  # after FinalWipe: text only
+    assert state.visual_kept.tolist() == keep.tolist()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "video_llava"])
+def test_engine_ssd_equals_greedy_with_each_pruning(tiny, family):
+    """Through the engine: decode_strategy=ssd gives greedy's text for none, vispruner and ttp."""
+    model, processor = tiny(family)
+    n_layers = len(text_model(model).layers)
+    twig = grow_twig(model, K=1, T=n_layers - 1)
+    requests = [Request(format_prompt(processor, "describe"), images=[random_image(s)]) for s in (60, 61, 62)]
+    if family == "video_llava":
+        requests.append(Request(format_prompt(processor, "what happens", "video"), video=random_video(63)))
+    for method, budget in [("none", None), ("vispruner", 6), ("ttp", 6)]:
+        config = dict(pruning_method=method, budget=budget, max_new_tokens=14)
+        greedy = Engine(model, processor, EngineConfig(**config), twig=twig).generate(requests)
+        ssd = Engine(model, processor, EngineConfig(**config, decode_strategy="ssd"), twig=twig).generate(requests)
+        assert [r.token_ids for r in ssd] == [r.token_ids for r in greedy], method
+        assert all(r.drafted is not None and 0 <= r.accepted <= r.drafted for r in ssd)
+        assert all(r.drafted is None for r in greedy)
+        if method == "ttp":  # R at layer K; R-bar = (M K + R (K_f - K)) / L, as TwigVLM defines it
+            wipe = Engine(model, processor, EngineConfig(**config), twig=twig).finalwipe_layer()
+            for r in greedy:
+                assert r.visual_tokens_kept < r.visual_tokens_total
+                expected = (r.visual_tokens_total * twig.K + r.visual_tokens_kept * (wipe - twig.K)) / n_layers
+                assert r.visual_tokens_layer_mean == pytest.approx(expected)
+
+
+def test_engine_refuses_ssd_without_a_twig(tiny):
+    model, processor = tiny("llava")
+    with pytest.raises(ValueError, match="need a trained twig"):
+        Engine(model, processor, EngineConfig(decode_strategy="ssd"))
+
+
+def test_rejection_sample_reproduces_the_target_distribution():
+    """Tokens that come out of the accept/reject rule are distributed as p, whatever q drafted."""
+    generator = torch.Generator().manual_seed(0)
+    rows = 200_000
+    p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.1, 0.1, 0.1, 0.1, 0.6]])  # after input 0, after draft 1
+    q = torch.tensor([[0.05, 0.05, 0.3, 0.3, 0.3]])  # a poor draft distribution
+    drafts = torch.multinomial(q.expand(rows, -1), 1, replacement=True, generator=generator)  # [N, 1]
+    accepted, bonus = sp.rejection_sample(
+        drafts, torch.ones(rows, dtype=torch.long), q.expand(rows, 1, -1), p.expand(rows, 2, -1), generator
+    )
+    first = torch.where(accepted == 1, drafts[:, 0], bonus)  # the first token emitted
+    frequencies = torch.bincount(first, minlength=5).float() / rows
+    torch.testing.assert_close(frequencies, p[0], atol=0.004, rtol=0)
+    expected_acceptance = torch.minimum(p[0], q[0]).sum()  # sum_x min(p, q)
+    assert abs(accepted.float().mean() - expected_acceptance) < 0.004
+    after_accept = torch.bincount(bonus[accepted == 1], minlength=5).float() / int((accepted == 1).sum())
+    torch.testing.assert_close(after_accept, p[1], atol=0.01, rtol=0)
+
+
+def test_sampling_with_an_exact_twig_accepts_every_draft(tiny):
+    """When the twig is the rest of the base, q == p at every position, so min(1, p/q) = 1: any
+    misalignment between draft and target positions would show up as rejections."""
+    model, processor = tiny("llava")
+    n_layers = len(text_model(model).layers)
+    twig = grow_twig(model, K=1, T=n_layers - 1)
+    engine, embeds, positions, valid, prunable, _ = batch_inputs(model, processor, range(70, 74))
+    generation, stats = sp.ssd_generate(
+        model,
+        twig,
+        embeds,
+        positions,
+        valid,
+        prunable,
+        None,
+        None,
+        16,
+        engine.eos_token_ids,
+        engine.pad_token_id,
+        max_draft=4,
+        threshold=0.0,
+        temperature=0.8,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert int(stats.drafted.sum()) > 0
+    assert torch.equal(stats.accepted, stats.drafted)
+    assert generation.lengths.tolist() == [16] * 4 or bool((generation.lengths <= 16).all())
+
+
+def chi_square_two_sample(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Chi-square statistic and degrees of freedom of a 2 x k contingency table of counts."""
+    keep = (a + b) > 0
+    table = torch.stack([a[keep], b[keep]]).double()
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    return float(((table - expected) ** 2 / expected).sum()), int(keep.sum()) - 1
+
+
+@pytest.mark.slow
+def test_speculative_sampling_matches_base_sampling_end_to_end(tiny):
+    """Second tokens sampled through SSD (random twig, partial acceptance) and by the base alone
+    come from the same distribution: a two-sample chi-square test, bound at about 5 sigma."""
+    model, processor = tiny("llava")
+    twig = grow_twig(model, K=1, T=1)
+    engine, embeds, positions, valid, prunable, _ = batch_inputs(model, processor, [5])
+    rows = 2000
+    inputs = [t.expand(rows, *t.shape[1:]).contiguous() for t in (embeds, positions, valid, prunable)]
+    ar = sp.ttp_generate(
+        model, twig, *inputs, None, None, 3, [-1], 0, temperature=0.7, generator=torch.Generator().manual_seed(1)
+    )
+    ssd, stats = sp.ssd_generate(
+        model,
+        twig,
+        *inputs,
+        None,
+        None,
+        3,
+        [-1],
+        0,
+        max_draft=1,
+        threshold=0.0,
+        temperature=0.7,
+        generator=torch.Generator().manual_seed(2),
+    )
+    assert 0 < int(stats.accepted.sum()) < int(stats.drafted.sum())  # both branches of the rule ran
+    vocab = model.config.text_config.vocab_size
+    for k in (1, 2):  # token 1: the draft or its replacement; token 2: the bonus
+        statistic, dof = chi_square_two_sample(
+            torch.bincount(ar.tokens[:, k], minlength=vocab), torch.bincount(ssd.tokens[:, k], minlength=vocab)
+        )
+        assert statistic < dof + 5 * (2 * dof) ** 0.5, (k, statistic, dof)
