@@ -39,13 +39,23 @@ def fetch_checkpoint(uri: str, cache_dir: str | Path | None = None, storage_opti
     names = [p for p in fs.find(root) if p.endswith(CHECKPOINT_SUFFIXES)]
     if not any(n.endswith("config.json") for n in names):
         raise FileNotFoundError(f"no config.json under {uri}")
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
-    try:
+
+    def copy(staging: Path) -> None:
         for name in names:
             local = staging / os.path.relpath(name, root.rstrip("/"))
             local.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(name, str(local))
+
+    return stage_directory(target, copy)
+
+
+def stage_directory(target: Path, fill) -> Path:
+    """Build ``target`` through ``fill(staging)`` in a temporary sibling renamed into place, so a
+    crash or a concurrent loader never sees a half-written directory. Returns ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        fill(staging)
         try:
             staging.rename(target)
         except OSError:  # another process won the race; theirs is complete

@@ -16,8 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 from torch import nn
 
 from operators.decoder import text_model
-from operators.loading import DEFAULT_CACHE, is_remote
+from operators.loading import DEFAULT_CACHE, is_remote, stage_directory
 
 FORMAT = "vlm-batch-twig/1"
 WEIGHTS_NAME = "twig.safetensors"
@@ -269,19 +267,12 @@ def fetch_twig(uri: str, cache_dir: str | Path | None = None, storage_options: d
     target = cache / key
     if (target / CONFIG_NAME).exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
-    try:
+
+    def copy(staging: Path) -> None:
         fs.get_file(f"{root}/{WEIGHTS_NAME}", str(staging / WEIGHTS_NAME))
         (staging / CONFIG_NAME).write_bytes(config_bytes)
-        try:
-            staging.rename(target)
-        except OSError:  # another process won the race; theirs is complete
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return stage_directory(target, copy)
 
 
 def read_twig_config(directory: Path) -> dict:
