@@ -50,3 +50,11 @@ def kv_cache_bytes(text_config, tokens_per_layer: list[int], element_size: int) 
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     return int(sum(tokens_per_layer) * 2 * kv_heads * head_dim * element_size)
+
+
+def generated_token_flops(text_config) -> float:
+    """Dense FLOPs of the base model per generated token: every layer's projections and FFN plus the
+    LM head. Attention over the cache (4·n·d per layer) is left out; it is small next to these for
+    short contexts and depends on each row's cache length."""
+    d, m = text_config.hidden_size, text_config.intermediate_size
+    return text_config.num_hidden_layers * (8.0 * d * d + 6.0 * d * m) + 2.0 * d * text_config.vocab_size

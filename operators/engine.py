@@ -31,6 +31,9 @@ class EngineConfig:
     max_draft: int = 5  # SSD: draft tokens per round at most (TwigVLM's delta)
     draft_threshold: float = 0.6  # SSD: stop a row's draft at a token with probability below this (theta)
     finalwipe_layer: int | None = None  # TTP: first text-only base layer (0-indexed); None: 3/4 of the depth
+    # Batch sizing: generate() sorts requests by prompt length and splits them into sub-batches of at
+    # most this many tokens, rows x (longest pruned prompt + max_new_tokens); None runs one batch.
+    batch_tokens: int | None = None
 
     def __post_init__(self):
         if self.pruning_method not in METHODS:
@@ -45,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"decode.strategy: unknown {self.decode_strategy!r}; allowed: greedy, ssd")
         if self.max_draft < 1 or not 0.0 <= self.draft_threshold <= 1.0:
             raise ValueError("max_draft must be >= 1 and draft_threshold in [0, 1]")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1 or null, got {self.batch_tokens}")
 
 
 @dataclass
@@ -102,12 +107,34 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, requests: list[Request]) -> list[Result]:
-        cfg = self.config
-        times: dict[str, float] = defaultdict(float)
+        """Results in request order. Requests run in sub-batches of similar prompt length (see
+        ``EngineConfig.batch_tokens``), so a short image prompt never pads to a long video's."""
         t = time.perf_counter()
         rows = [self.adapter.preprocess(r.prompt, r.images, r.video) for r in requests]
-        times["preprocess"] += time.perf_counter() - t
+        preprocess_s = time.perf_counter() - t
+        lengths = [self.pruned_prompt_length(row) for row in rows]
+        results: list[Result | None] = [None] * len(rows)
+        for indices in length_batches(lengths, self.config.max_new_tokens, self.config.batch_tokens):
+            share = preprocess_s * len(indices) / len(rows)
+            for i, result in zip(indices, self._generate_rows([rows[i] for i in indices], share), strict=True):
+                results[i] = result
+        return results
 
+    def pruned_prompt_length(self, row: RowInputs) -> int:
+        """Prompt tokens entering the language model after pre-LLM pruning (for batch sizing)."""
+        cfg = self.config
+        spans = placeholder_spans(row.input_ids, self.adapter.placeholder_ids, row.media)
+        placeholders = sum(end - start for start, end in spans)
+        visual = placeholders
+        if cfg.budget is not None and cfg.pruning_method in PRE_LLM_METHODS and cfg.pruning_method != "none":
+            segments = sum(m.pixel_values.shape[0] for m in row.media)
+            visual = min(visual, segments * cfg.budget)
+        return len(row.input_ids) - placeholders + visual
+
+    def _generate_rows(self, rows: list[RowInputs], preprocess_s: float) -> list[Result]:
+        cfg = self.config
+        times: dict[str, float] = defaultdict(float)
+        times["preprocess"] = preprocess_s
         t = time.perf_counter()
         segments = self._encode(rows)
         times["vision"] += time.perf_counter() - t
@@ -157,7 +184,7 @@ class Engine:
         times["prefill"] += out.prefill_s
         times["decode"] += out.decode_s
 
-        batch = len(requests)
+        batch = len(rows)
         stage_ms = {k: 1000.0 * v / batch for k, v in times.items()}
         results = []
         text_count = (valid & ~visual).sum(dim=1)
@@ -293,6 +320,24 @@ class Engine:
                         f"{end - start} placeholder tokens but {stream.embeds.shape[0]} visual features: "
                         "the processor and the model disagree"
                     )
+
+
+def length_batches(lengths: list[int], max_new_tokens: int, batch_tokens: int | None) -> list[list[int]]:
+    """Indices of each sub-batch: longest prompts first, each sub-batch holding at most
+    ``batch_tokens`` = rows x (its longest prompt + max_new_tokens), the KV cache it will need.
+    A prompt over the budget on its own still runs, alone. ``None``: one batch, in order."""
+    if batch_tokens is None or not lengths:
+        return [list(range(len(lengths)))] if lengths else []
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        # sorted longest first, so the batch's first row sets its padded width
+        if current and (len(current) + 1) * (lengths[current[0]] + max_new_tokens) <= batch_tokens:
+            current.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def format_prompt(processor, question: str, kind: str = "image") -> str:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Bumped when the Parquet schema or the meaning of a column changes; part of the fingerprint.
-OUTPUT_SCHEMA_VERSION = 2
+OUTPUT_SCHEMA_VERSION = 3
 PRUNING_METHODS = ("none", "vispruner", "fastv", "random", "pool", "ttp")  # operators.pruning.METHODS (tested equal)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "3gp")
@@ -129,7 +129,10 @@ class ComputeConfig(_Section):
     actors: int = Field(1, ge=1)  # inference actors (fixed pool: loading a model is slow)
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)  # rows per engine batch
+    batch_size: int = Field(8, ge=1)  # rows handed to an actor per call (and per engine batch at most)
+    # Engine batches sized by tokens: the actor sorts a call's rows by pruned prompt length and splits
+    # them so rows x (longest prompt + decode.max_new_tokens) <= batch_tokens. None: one engine batch per call.
+    batch_tokens: int | None = Field(None, ge=1)
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 overlaps an actor's input transfer with compute
     torch_threads: int | None = Field(None, ge=1)  # CPU inference threads per actor (default: cpus_per_actor)
 

@@ -35,7 +35,10 @@ PART_SUMMARY = pa.schema(
         ("visual_tokens_kept", pa.int64()),
         ("visual_tokens_total", pa.int64()),
         ("latency_ms", pa.float64()),
+        ("prefill_ms", pa.float64()),
+        ("generate_ms", pa.float64()),
         ("decode_ms", pa.float64()),
+        ("write_ms", pa.float64()),
     ]
 )
 
@@ -58,6 +61,8 @@ class Summary:
     generated_tokens_per_second: float = 0.0
     mean_visual_tokens_kept: float | None = None
     mean_visual_tokens_total: float | None = None
+    # Time summed over items (or parts, for writing) per stage; stages overlap, so these can exceed `seconds`.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     rows_for_config: int = 0  # after the run: rows under the output with this fingerprint
     duplicates: int = 0  # item ids written twice for this config (must be 0)
     missing: int = 0  # input items with no row for this config (must be 0)
@@ -66,12 +71,19 @@ class Summary:
         kept = "n/a" if self.mean_visual_tokens_kept is None else f"{self.mean_visual_tokens_kept:.1f}"
         total = "n/a" if self.mean_visual_tokens_total is None else f"{self.mean_visual_tokens_total:.1f}"
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.error_kinds.items())) or "none"
+        per_item = {k: 1000.0 * v / max(1, self.items_processed) for k, v in self.stage_seconds.items()}
+        stages = (
+            f"  per item: decode {per_item.get('decode', 0):.0f} ms, inference {per_item.get('inference', 0):.0f} ms "
+            f"(prefill {per_item.get('prefill', 0):.0f}, generate {per_item.get('generate', 0):.0f}), "
+            f"write {per_item.get('write', 0):.1f} ms"
+        )
         return [
             f"run {self.run_id}: {self.items_processed} items in {self.seconds:.1f} s "
             f"({self.items_per_second:.2f} items/s); {self.items_skipped} already done, skipped",
             f"  ok {self.ok}, error {self.errors} ({kinds})",
             f"  visual tokens kept per item: {kept} of {total}",
             f"  generated {self.generated_tokens} tokens ({self.generated_tokens_per_second:.1f} tokens/s)",
+            stages,
             f"  output: {self.output} ({self.rows_for_config} rows for config {self.config_fingerprint}, "
             f"{self.duplicates} duplicated, {self.missing} missing)",
         ]
@@ -100,7 +112,9 @@ def preflight(config: Config) -> None:
 def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Table:
     """Ray Data UDF (tasks): write the batch as one part, return one summary row."""
     options = storage.fsspec_options(output_uri, **storage_config)
+    start = time.perf_counter()
     part = sink.write_part(batch, output_uri, options)
+    write_ms = 1000.0 * (time.perf_counter() - start)
     rows = batch.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     kinds = Counter(r["error_kind"] for r in rows if r["status"] != "ok")
@@ -114,7 +128,10 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
         "visual_tokens_kept": sum(r["visual_tokens_kept"] or 0 for r in ok),
         "visual_tokens_total": sum(r["visual_tokens_total"] or 0 for r in ok),
         "latency_ms": sum(r["latency_ms"] or 0.0 for r in ok),
+        "prefill_ms": sum(r["prefill_ms"] or 0.0 for r in ok),
+        "generate_ms": sum(r["generate_ms"] or 0.0 for r in ok),
         "decode_ms": sum(r["decode_ms"] or 0.0 for r in rows),
+        "write_ms": write_ms,
     }
     return pa.Table.from_pylist([summary], schema=PART_SUMMARY)
 
@@ -203,7 +220,8 @@ def run(config: Config, log=print) -> Summary:
     out_options = options_for(config.output.uri, config)
     work = load_work_rows(config, options_for(config.input.uri, config))
     done = sink.completed_items(config.output.uri, fingerprint, out_options)
-    todo = [row for row in work if row["item_id"] not in done]
+    # Grouped by media type, so engine batches hold prompts of similar length (images apart from videos).
+    todo = sorted((row for row in work if row["item_id"] not in done), key=lambda row: row["media_type"] or "")
     summary = Summary(run_id, config.output.uri, fingerprint, len(work), len(work) - len(todo))
     log(
         f"run {run_id}: {len(work)} items from {config.input.uri}; {summary.items_skipped} already in "
@@ -223,8 +241,16 @@ def run(config: Config, log=print) -> Summary:
 
 def consume(ds, summary: Summary) -> Summary:
     seen: Counter = Counter()
-    kept = total = latency = 0.0
+    kept = total = 0.0
     kinds: Counter = Counter()
+    stages: Counter = Counter()
+    stage_columns = {
+        "decode": "decode_ms",
+        "inference": "latency_ms",
+        "prefill": "prefill_ms",
+        "generate": "generate_ms",
+        "write": "write_ms",
+    }
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for part in batch.to_pylist():
             summary.parts += 1
@@ -235,9 +261,11 @@ def consume(ds, summary: Summary) -> Summary:
             summary.generated_tokens += part["generated_tokens"]
             kept += part["visual_tokens_kept"]
             total += part["visual_tokens_total"]
-            latency += part["latency_ms"]
+            for stage, column in stage_columns.items():
+                stages[stage] += part[column] / 1000.0
     summary.items_processed = summary.ok + summary.errors
     summary.error_kinds = dict(kinds)
+    summary.stage_seconds = {stage: round(stages[stage], 3) for stage in stage_columns}
     if summary.ok:
         summary.mean_visual_tokens_kept = kept / summary.ok
         summary.mean_visual_tokens_total = total / summary.ok

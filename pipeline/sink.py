@@ -51,6 +51,8 @@ SCHEMA = pa.schema(
         ("prefill_flops", pa.float64()),
         ("kv_cache_bytes", pa.int64()),
         ("latency_ms", pa.float64()),  # this row's share of its engine batch's wall time
+        ("prefill_ms", pa.float64()),  # of which preprocessing, vision tower, pruning and prefill
+        ("generate_ms", pa.float64()),  # of which token generation (greedy steps or SSD rounds)
         ("decode_ms", pa.float64()),  # read + decode wall time of the media
         ("config_fingerprint", pa.string()),
         ("run_id", pa.string()),

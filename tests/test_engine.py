@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from operators.engine import Engine, EngineConfig, Request, format_prompt
+from operators.engine import Engine, EngineConfig, Request, format_prompt, length_batches
 from tests.conftest import random_image, random_video
 
 QUESTIONS = ["what is this ?", "describe the image in one two three four five words please", "red ?"]
@@ -119,6 +119,35 @@ def test_batch_of_mixed_lengths_equals_each_row_alone(tiny, family, method):
         alone = engine.generate([request])[0]
         assert result.token_ids == alone.token_ids
         assert result.visual_tokens_kept == alone.visual_tokens_kept
+
+
+def test_length_batches_sorts_longest_first_and_respects_the_token_budget():
+    lengths = [10, 50, 20, 50, 5, 300]
+    batches = length_batches(lengths, max_new_tokens=10, batch_tokens=130)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every row exactly once
+    assert batches[0] == [5]  # over the budget alone: it still runs, by itself
+    for batch in batches:
+        widths = [lengths[i] for i in batch]
+        assert widths == sorted(widths, reverse=True)
+        assert len(batch) == 1 or len(batch) * (widths[0] + 10) <= 130
+    assert batches[1:] == [[1, 3], [2, 0, 4]]  # 2 x (50 + 10) <= 130 < 3 x 60; 3 x (20 + 10) <= 130
+    assert length_batches(lengths, 10, None) == [list(range(len(lengths)))]
+    assert length_batches([], 10, 100) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["none", "vispruner"])
+def test_token_budgeted_sub_batches_give_the_same_results_in_request_order(tiny, family, method):
+    model, processor = tiny(family)
+    budget = None if method == "none" else 9
+    requests = make_requests(family, processor, count=5)
+    whole = Engine(model, processor, EngineConfig(method, budget=budget, max_new_tokens=6)).generate(requests)
+    engine = Engine(model, processor, EngineConfig(method, budget=budget, max_new_tokens=6, batch_tokens=1))
+    lengths = [engine.pruned_prompt_length(engine.adapter.preprocess(r.prompt, r.images, r.video)) for r in requests]
+    assert len(length_batches(lengths, 6, 1)) == len(requests)  # a budget of 1 token: every row alone
+    split = engine.generate(requests)
+    assert [r.token_ids for r in split] == [r.token_ids for r in whole]
+    assert [r.visual_tokens_kept for r in split] == [r.visual_tokens_kept for r in whole]
 
 
 @pytest.mark.parametrize("method", ["vispruner", "fastv", "random", "pool"])

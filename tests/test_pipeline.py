@@ -81,6 +81,8 @@ def test_captions_one_ok_row_per_item(ray_local, corpus, tmp_path):
         assert r["pruning_method"] == "vispruner" and r["pruning_budget"] == 21
         assert r["model"] == "shapes-llava" and r["task"] == "caption" and r["decode_strategy"] == "greedy"
         assert 0 < r["generated_tokens"] <= 24 and r["latency_ms"] > 0 and r["run_id"] == summary.run_id
+        assert r["prefill_ms"] > 0 and r["generate_ms"] > 0
+        assert abs(r["prefill_ms"] + r["generate_ms"] - r["latency_ms"]) < 1e-6 * r["latency_ms"] + 1e-9
     parts = sink.part_files(str(tmp_path / "out"))
     assert len(parts) >= 3  # rows_per_file=4
     assert pq.read_schema(parts[0]).remove_metadata() == sink.SCHEMA
