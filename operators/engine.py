@@ -57,6 +57,9 @@ class Request:
     prompt: str  # full prompt text with the <image>/<video> tag(s) in place
     images: list = field(default_factory=list)  # PIL images
     video: object | None = None  # [T, H, W, 3] uint8 array or list of PIL frames
+    # Requests with the same key carry the same media (several questions about one video): the
+    # vision tower then encodes it once per batch. None: never shared.
+    media_key: str | None = None
 
 
 @dataclass
@@ -116,7 +119,8 @@ class Engine:
         results: list[Result | None] = [None] * len(rows)
         for indices in length_batches(lengths, self.config.max_new_tokens, self.config.batch_tokens):
             share = preprocess_s * len(indices) / len(rows)
-            for i, result in zip(indices, self._generate_rows([rows[i] for i in indices], share), strict=True):
+            keys = [requests[i].media_key for i in indices]
+            for i, result in zip(indices, self._generate_rows([rows[i] for i in indices], keys, share), strict=True):
                 results[i] = result
         return results
 
@@ -131,12 +135,12 @@ class Engine:
             visual = min(visual, segments * cfg.budget)
         return len(row.input_ids) - placeholders + visual
 
-    def _generate_rows(self, rows: list[RowInputs], preprocess_s: float) -> list[Result]:
+    def _generate_rows(self, rows: list[RowInputs], keys: list[str | None], preprocess_s: float) -> list[Result]:
         cfg = self.config
         times: dict[str, float] = defaultdict(float)
         times["preprocess"] = preprocess_s
         t = time.perf_counter()
-        segments = self._encode(rows)
+        segments = self._encode(rows, keys)
         times["vision"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -222,11 +226,24 @@ class Engine:
 
     # --- stages -------------------------------------------------------------------------------
 
-    def _encode(self, rows: list[RowInputs]) -> list[list[Segments]]:
-        """Run each tower once over every media item of its kind in the batch."""
+    def _encode(self, rows: list[RowInputs], keys: list[str | None] | None = None) -> list[list[Segments]]:
+        """Run each tower once over every distinct media item of its kind in the batch (rows with the
+        same key share media; no keys: nothing shared)."""
+        keys = keys if keys is not None else [None] * len(rows)
         encoded: list[list[Segments | None]] = [[None] * len(row.media) for row in rows]
         for kind in ("image", "video"):
-            items = [(r, m) for r, row in enumerate(rows) for m, media in enumerate(row.media) if media.kind == kind]
+            items, shared = [], {}  # shared: (row, media) -> the (row, media) whose encoding it reuses
+            first: dict[tuple[str, int], tuple[int, int]] = {}
+            for r, row in enumerate(rows):
+                for m, media in enumerate(row.media):
+                    if media.kind != kind:
+                        continue
+                    if keys[r] is not None and (keys[r], m) in first:
+                        shared[r, m] = first[keys[r], m]
+                        continue
+                    if keys[r] is not None:
+                        first[keys[r], m] = (r, m)
+                    items.append((r, m))
             if not items:
                 continue
             pixels = torch.cat([rows[r].media[m].pixel_values for r, m in items]).to(self.device)
@@ -241,20 +258,21 @@ class Engine:
                     grid=segs.grid,
                 )
                 offset += count
+            for (r, m), (r0, m0) in shared.items():
+                encoded[r][m] = encoded[r0][m0]
         return encoded
 
     def _prune_and_assemble(self, rows, segments) -> tuple[list[list[Stream]], list[float]]:
         cfg = self.config
         method = cfg.pruning_method
+        batched = self._vispruner_batched(segments) if method == "vispruner" else {}
         streams, extra_flops = [], []
-        for row, row_segments in zip(rows, segments, strict=True):
+        for r, (row, row_segments) in enumerate(zip(rows, segments, strict=True)):
             row_streams, flops = [], 0.0
-            for media, seg in zip(row.media, row_segments, strict=True):
+            for m, (media, seg) in enumerate(zip(row.media, row_segments, strict=True)):
                 budget = cfg.budget if cfg.budget is not None else seg.patches.shape[1]
                 if method == "vispruner":
-                    indices, tokens = prune_vispruner(
-                        seg.patches, seg.cls_attention, budget, important_ratio=cfg.important_ratio
-                    )
+                    indices, tokens = batched[r, m]
                 elif method in ("none", "pool"):
                     indices, tokens = PRE_LLM_METHODS[method](seg.patches, seg.cls_attention, budget, grid=seg.grid)
                 elif method == "random":
@@ -268,6 +286,27 @@ class Engine:
             streams.append(row_streams)
             extra_flops.append(flops)
         return streams, extra_flops
+
+    def _vispruner_batched(self, segments: list[list[Segments]]) -> dict[tuple[int, int], tuple]:
+        """VisPruner over every segment of the batch in one call per segment shape (it works row by
+        row, so this equals a call per media item, minus the per-call overhead). (row, media) -> (indices, tokens)."""
+        cfg = self.config
+        groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+        for r, row_segments in enumerate(segments):
+            for m, seg in enumerate(row_segments):
+                groups[tuple(seg.patches.shape[1:])].append((r, m))
+        out = {}
+        for shape, keys in groups.items():
+            patches = torch.cat([segments[r][m].patches for r, m in keys])  # [sum of segments, N, C]
+            attention = torch.cat([segments[r][m].cls_attention for r, m in keys])
+            budget = cfg.budget if cfg.budget is not None else shape[0]
+            indices, tokens = prune_vispruner(patches, attention, budget, important_ratio=cfg.important_ratio)
+            offset = 0
+            for r, m in keys:
+                count = segments[r][m].patches.shape[0]
+                out[r, m] = (indices[offset : offset + count], tokens[offset : offset + count])
+                offset += count
+        return out
 
     def _build_batch(self, rows: list[RowInputs], streams: list[list[Stream]]):
         """Splice each row's streams into its text embeddings and left-pad the batch."""

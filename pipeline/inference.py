@@ -133,9 +133,12 @@ class InferenceStage:
         else:
             text = prompt.caption_video if kind == "video" and prompt.caption_video else prompt.caption
         processor = self.engine.processor
+        # QA rows about one file share its vision encoding within a batch (keyed by URI)
         if kind == "image":
-            return Request(format_prompt(processor, text, "image"), images=[Image.fromarray(frames[0])])
-        return Request(format_prompt(processor, text, "video"), video=frames)
+            return Request(
+                format_prompt(processor, text, "image"), images=[Image.fromarray(frames[0])], media_key=row["uri"]
+            )
+        return Request(format_prompt(processor, text, "video"), video=frames, media_key=row["uri"])
 
     def base_row(self, row: dict) -> dict:
         cfg = self.config

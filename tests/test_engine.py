@@ -150,6 +150,35 @@ def test_token_budgeted_sub_batches_give_the_same_results_in_request_order(tiny,
     assert [r.visual_tokens_kept for r in split] == [r.visual_tokens_kept for r in whole]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["none", "vispruner", "random"])
+def test_questions_sharing_media_encode_it_once_with_the_same_results(tiny, family, method, monkeypatch):
+    model, processor = tiny(family)
+    engine = Engine(model, processor, EngineConfig(method, budget=None if method == "none" else 9, max_new_tokens=6))
+    kind = "video" if family == "video_llava" else "image"
+    media = {"video": random_video(3)} if kind == "video" else {"images": [random_image(3)]}
+    other = {"video": random_video(4)} if kind == "video" else {"images": [random_image(4)]}
+    plain = [
+        Request(format_prompt(processor, q, kind), **m) for q, m in zip(QUESTIONS, [media, media, other], strict=True)
+    ]
+    keyed = [
+        Request(format_prompt(processor, q, kind), **m, media_key=k)
+        for q, m, k in zip(QUESTIONS, [media, media, other], ["a", "a", "b"], strict=True)
+    ]
+    encoded = []
+    encode = engine.adapter.encode
+    monkeypatch.setattr(
+        engine.adapter, "encode", lambda k, pixels: encoded.append(pixels.shape[0]) or encode(k, pixels)
+    )
+    expected = engine.generate(plain)
+    per_media = encoded[0] // 3
+    encoded.clear()
+    shared = engine.generate(keyed)
+    assert encoded == [2 * per_media]  # the shared media went through the tower once
+    assert [r.token_ids for r in shared] == [r.token_ids for r in expected]
+    assert [r.visual_tokens_kept for r in shared] == [r.visual_tokens_kept for r in expected]
+
+
 @pytest.mark.parametrize("method", ["vispruner", "fastv", "random", "pool"])
 def test_deterministic(tiny, method):
     model, processor = tiny("llava")
