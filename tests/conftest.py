@@ -34,3 +34,14 @@ def random_image(seed: int, height: int = 40, width: int = 56) -> Image.Image:
 def random_video(seed: int, frames: int = 4, height: int = 40, width: int = 56) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (rng.random((frames, height, width, 3)) * 255).astype("uint8")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh in-process Ray cluster for one test module (2 CPUs, like this machine)."""
+    import ray
+
+    # address="local": a fresh cluster, whatever Ray's record of an earlier `ray start` says
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()

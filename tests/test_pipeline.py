@@ -30,16 +30,6 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # address="local": a fresh cluster, whatever Ray's record of an earlier `ray start` says
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
     write_corpus(str(out), seed=20261123, n_images=6, n_videos=3)
