@@ -120,4 +120,15 @@ def read_output(output_uri: str, options: dict | None = None) -> pa.Table:
     files = part_files(output_uri, options)
     if not files:
         return SCHEMA.empty_table()
-    return pa.concat_tables(pq.read_table(io.BytesIO(storage.read_bytes(f, options))) for f in files)
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(f, options))) for f in files]
+    # Parts written by an earlier schema version lack the columns added since: they read as nulls.
+    return pa.concat_tables([conform(t) for t in tables])
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` with SCHEMA's columns in SCHEMA's order, missing (older-version) columns as nulls."""
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
