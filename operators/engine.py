@@ -233,16 +233,17 @@ class Engine:
         encoded: list[list[Segments | None]] = [[None] * len(row.media) for row in rows]
         for kind in ("image", "video"):
             items, shared = [], {}  # shared: (row, media) -> the (row, media) whose encoding it reuses
-            first: dict[tuple[str, int], tuple[int, int]] = {}
+            first: dict[tuple[str, int], tuple[int, int]] = {}  # (key, media index) -> its first (row, media)
             for r, row in enumerate(rows):
                 for m, media in enumerate(row.media):
                     if media.kind != kind:
                         continue
-                    if keys[r] is not None and (keys[r], m) in first:
-                        shared[r, m] = first[keys[r], m]
+                    key = None if keys[r] is None else (keys[r], m)
+                    if key in first:
+                        shared[r, m] = first[key]
                         continue
-                    if keys[r] is not None:
-                        first[keys[r], m] = (r, m)
+                    if key is not None:
+                        first[key] = (r, m)
                     items.append((r, m))
             if not items:
                 continue
@@ -267,12 +268,12 @@ class Engine:
         method = cfg.pruning_method
         batched = self._vispruner_batched(segments) if method == "vispruner" else {}
         streams, extra_flops = [], []
-        for r, (row, row_segments) in enumerate(zip(rows, segments, strict=True)):
+        for row, row_segments in zip(rows, segments, strict=True):
             row_streams, flops = [], 0.0
-            for m, (media, seg) in enumerate(zip(row.media, row_segments, strict=True)):
+            for media, seg in zip(row.media, row_segments, strict=True):
                 budget = cfg.budget if cfg.budget is not None else seg.patches.shape[1]
                 if method == "vispruner":
-                    indices, tokens = batched[r, m]
+                    indices, tokens = batched[id(seg)]
                 elif method in ("none", "pool"):
                     indices, tokens = PRE_LLM_METHODS[method](seg.patches, seg.cls_attention, budget, grid=seg.grid)
                 elif method == "random":
@@ -287,24 +288,24 @@ class Engine:
             extra_flops.append(flops)
         return streams, extra_flops
 
-    def _vispruner_batched(self, segments: list[list[Segments]]) -> dict[tuple[int, int], tuple]:
-        """VisPruner over every segment of the batch in one call per segment shape (it works row by
-        row, so this equals a call per media item, minus the per-call overhead). (row, media) -> (indices, tokens)."""
+    def _vispruner_batched(self, segments: list[list[Segments]]) -> dict[int, tuple]:
+        """VisPruner over every distinct media item of the batch in one call per segment shape (it works
+        row by row, so this equals a call per item, minus the per-call overhead); media shared between
+        rows (see ``_encode``) is ranked once. id(Segments) -> (indices, tokens)."""
         cfg = self.config
-        groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-        for r, row_segments in enumerate(segments):
-            for m, seg in enumerate(row_segments):
-                groups[tuple(seg.patches.shape[1:])].append((r, m))
+        groups: dict[tuple, dict[int, Segments]] = defaultdict(dict)
+        for seg in (seg for row_segments in segments for seg in row_segments):
+            groups[tuple(seg.patches.shape[1:])][id(seg)] = seg
         out = {}
-        for shape, keys in groups.items():
-            patches = torch.cat([segments[r][m].patches for r, m in keys])  # [sum of segments, N, C]
-            attention = torch.cat([segments[r][m].cls_attention for r, m in keys])
+        for shape, by_id in groups.items():
+            patches = torch.cat([seg.patches for seg in by_id.values()])  # [sum of segments, N, C]
+            attention = torch.cat([seg.cls_attention for seg in by_id.values()])
             budget = cfg.budget if cfg.budget is not None else shape[0]
             indices, tokens = prune_vispruner(patches, attention, budget, important_ratio=cfg.important_ratio)
             offset = 0
-            for r, m in keys:
-                count = segments[r][m].patches.shape[0]
-                out[r, m] = (indices[offset : offset + count], tokens[offset : offset + count])
+            for key, seg in by_id.items():
+                count = seg.patches.shape[0]
+                out[key] = (indices[offset : offset + count], tokens[offset : offset + count])
                 offset += count
         return out
 
