@@ -55,9 +55,12 @@ def spilled_bytes() -> tuple[int, str]:
     Ray has no public API for this; ``memory_summary(stats_only=True)`` prints "Spilled N MiB, ..."
     once anything was spilled (nothing printed: nothing spilled).
     """
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    # The address explicitly: left out, Ray resolves it from its record of the last `ray start`
+    # cluster, which may be another, dead one.
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     match = re.search(r"Spilled (\d+) MiB", text)
     line = next((ln.strip() for ln in text.splitlines() if "Spilled" in ln), "no spilling reported")
     return (int(match.group(1)) * 2**20 if match else 0), line
