@@ -353,8 +353,8 @@ def misbehaving_decode(data: bytes, name: str, options):
         os.abort()
     elif command == b"EXIT3":
         os._exit(3)
-    elif command == b"SLOW":  # a slow but working decoder: the rest of the bytes, after a second
-        time.sleep(1.0)
+    elif command == b"SLOW":  # a slow but working decoder: the rest of the bytes, after five seconds
+        time.sleep(5.0)
         return decode(data.partition(b"\n")[2], name, options)
     elif command == b"OOM":
         if options.max_memory_mb is None:  # uncapped, a real 64 GiB allocation would hurt the machine
