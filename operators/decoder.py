@@ -27,8 +27,9 @@ class Prefill:
 
 
 def text_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a *ForConditionalGeneration."""
-    return model.model.language_model
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a *ForConditionalGeneration,
+    or of a text-only *ForCausalLM (whose ``model`` is the stack itself)."""
+    return getattr(model.model, "language_model", model.model)
 
 
 def kv_geometry(lm: nn.Module) -> tuple[int, int]:

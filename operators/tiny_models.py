@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -135,6 +136,22 @@ def tiny_llava(
     )
     copy_generation_ids(model, tokenizer)
     return model, processor
+
+
+# One user turn then the reply, LLaVA-1.5's way; turns render as prefixes of each other.
+TEXT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER : {{ m['content'] }} ASSISTANT :"
+    "{% else %} {{ m['content'] }} </s>{% endif %}{% endfor %}"
+)
+
+
+def tiny_llama(seed: int = 0, **text_overrides):
+    """A text-only LlamaForCausalLM and its tokenizer, with a chat template (``USER : q ASSISTANT :``)."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = TEXT_CHAT_TEMPLATE
+    model = _finish(LlamaForCausalLM(tiny_text_config(tokenizer, **text_overrides)), seed)
+    copy_generation_ids(model, tokenizer)
+    return model, tokenizer
 
 
 def tiny_llava_next(seed: int = 0, image_size: int = 32, patch_size: int = 4, **text_overrides):
