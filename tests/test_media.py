@@ -20,6 +20,7 @@ from pipeline.media import ERROR_KINDS, Decoded, DecodeWorker, MediaError, Media
 from tests.broken_media import misbehaving_decode, mp4_bytes, write_broken_media, zero_packet
 
 TIMEOUT_S = 1.0  # for the misbehaving decoders
+SIGINT_AT_IMPORT = signal.getsignal(signal.SIGINT)  # inherited: Python's handler, or SIG_IGN in a background job
 
 
 @pytest.fixture(scope="module")
@@ -372,17 +373,22 @@ def test_an_interrupted_call_does_not_leave_its_answer_to_the_next(ramp, corpus)
     directory, _ = corpus
     # A timeout far beyond the slow decode's 5 s, so only the Ctrl-C can end the call, however loaded
     # the machine is; a real SIGINT (not interrupt_main) wakes the parent out of its wait at once.
-    with DecodeWorker(MediaOptions(timeout_s=60), _decode_fn=misbehaving_decode) as worker:
-        worker.decode(good, "good.mp4")
-        pid = worker._process.pid
-        png = (directory / "one_pixel.png").read_bytes()
-        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C while the child is busy
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            worker.decode(b"SLOW\n" + png, "slow.png")
-        timer.join()
-        assert _gone(pid)  # its answer (an image) can no longer arrive as the next call's
-        assert worker.decode(good, "good.mp4").kind == "video"
+    # Python's own Ctrl-C handler, whatever was inherited (a shell starts background jobs with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with DecodeWorker(MediaOptions(timeout_s=60), _decode_fn=misbehaving_decode) as worker:
+            worker.decode(good, "good.mp4")
+            pid = worker._process.pid
+            png = (directory / "one_pixel.png").read_bytes()
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C while the child is busy
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                worker.decode(b"SLOW\n" + png, "slow.png")
+            timer.join()
+            assert _gone(pid)  # its answer (an image) can no longer arrive as the next call's
+            assert worker.decode(good, "good.mp4").kind == "video"
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_out_of_memory_is_too_large_and_the_decoder_survives(bad_worker, ramp):
@@ -418,7 +424,7 @@ def test_spawn_start_method_and_close(ramp):
 def test_the_caller_is_still_alive():
     # Every test above ran in this process; being here is the assertion. Make it explicit anyway.
     os.kill(os.getpid(), 0)
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the child's handler change stayed there
+    assert signal.getsignal(signal.SIGINT) is SIGINT_AT_IMPORT  # the child's SIG_IGN stayed in the child
 
 
 def test_decord_option_decodes_the_same_frames(ramp):
