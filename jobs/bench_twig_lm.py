@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from operators.decoder import text_model  # noqa: E402
+from operators.decoder import left_padded_positions, text_model  # noqa: E402
 from operators.generate import greedy_generate  # noqa: E402
 from operators.speculative import ssd_generate  # noqa: E402
 from operators.twig import grow_twig  # noqa: E402
@@ -134,8 +134,7 @@ def prompt_batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Ten
 
 def engine_inputs(model, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     valid = mask.bool()
-    positions = (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 1)  # as HF generate does
-    return {"embeds": text_model(model).embed_tokens(ids), "positions": positions, "valid": valid}
+    return {"embeds": text_model(model).embed_tokens(ids), "positions": left_padded_positions(valid), "valid": valid}
 
 
 @torch.no_grad()

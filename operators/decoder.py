@@ -32,6 +32,12 @@ def text_model(model: nn.Module) -> nn.Module:
     return getattr(model.model, "language_model", model.model)
 
 
+def left_padded_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, S] of left-padded rows (valid [B, S], True = real token), as HF generate
+    makes them: 0.. over each row's real tokens, 1 on padding."""
+    return (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 1)
+
+
 def kv_geometry(lm: nn.Module) -> tuple[int, int]:
     config = lm.config
     heads = config.num_attention_heads

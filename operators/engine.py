@@ -12,7 +12,7 @@ from torch import nn
 
 from operators import accounting
 from operators.adapters import RowInputs, Segments, Stream, make_adapter, placeholder_spans
-from operators.decoder import text_model
+from operators.decoder import left_padded_positions, text_model
 from operators.generate import greedy_generate
 from operators.pruning import IN_LLM_METHODS, METHODS, PRE_LLM_METHODS, prune_none, prune_random, prune_vispruner
 from operators.speculative import ssd_generate, ttp_generate
@@ -348,8 +348,7 @@ class Engine:
             valid[b, width - len(seq) :] = True
             prunable[b, width - len(seq) :] = flags[b].to(self.device)
             visual[b, width - len(seq) :] = visual_flags[b].to(self.device)
-        positions = (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 1)  # as HF generate does
-        return embeds, positions, valid, visual, prunable, totals, segment_counts
+        return embeds, left_padded_positions(valid), valid, visual, prunable, totals, segment_counts
 
     def _check_unpruned_count(self, row: RowInputs, row_streams: list[Stream], runs) -> None:
         """Unpruned, each stream must fill its placeholder run exactly (as HF checks)."""
