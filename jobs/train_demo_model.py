@@ -102,11 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-videos", type=int, default=150)
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--stage1-region-steps", type=int, help="stage 1 steps of the region (object shape) loss alone; default 0"
+    )
+    parser.add_argument(
+        "--stage1-region-loss", type=float, help="weight of the region loss beside the contrastive one; default 0"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     world, model_cfg = WorldConfig(), DemoModelConfig()
     cfg = dataclasses.replace(QUICK, seed=args.seed) if args.quick else TrainConfig(seed=args.seed)
+    for key in ("stage1_region_steps", "stage1_region_loss"):
+        if getattr(args, key) is not None:
+            cfg = dataclasses.replace(cfg, **{key: getattr(args, key)})
     tokenizer = build_tokenizer(world)
     processor = build_processor(tokenizer, world, model_cfg)
     started = time.perf_counter()

@@ -2,7 +2,18 @@
 
 Stage 1: contrastive image-caption pretraining (CLIP's symmetric InfoNCE) of a small ViT with a
 [CLS] token against a small causal text transformer, so the tower's features, and its [CLS]
-attention, are about the objects captions mention.
+attention, are about the objects captions mention. Contrastive learning alone leaves the objects'
+shapes out of the patch features (a linear probe reads shape near chance, colour at 0.99:
+jobs/probe_tower.py). Stage 1 can add a region loss, as region-level pretraining does: each
+object's layer -2 patch features (the ones the projector reads), averaged with weights equal to
+the object's pixels in each patch, must name its shape through a linear head (ground truth from
+the generator); the tower first learns it alone for a few cheap steps, then beside the contrastive
+loss. It is off by default: it lifts the shape probe from 0.33/0.47 to 0.84/0.98 (small/large),
+but the language model trained on that tower answered no better (BENCHMARKS.md, demo model), so
+the committed model is trained without it. What did not work for the region loss itself: asking
+every patch for the shape of the object covering it (held-out 0.39 after 150 steps, chance 0.25:
+most patches see an uninformative fragment), and adding a colour head to it (shape stayed on its
+plateau through the warm-up: loss 1.15 after 200 steps, against 0.37 without).
 
 Stage 2: LLaVA-style training of the projector and a small Llama from scratch on captions and
 QA pairs, next-token loss on the answer tokens only, with the tower frozen (as LLaVA does). Because
@@ -28,7 +39,7 @@ from transformers import CLIPTextModel, CLIPVisionModel, LlavaForConditionalGene
 from operators.engine import format_prompt_text
 from operators.vision import encode_with_cls_attention
 from synthetic.demo_model import CAPTION_PROMPT, DemoModelConfig, build_llava, clip_text_config, vision_config
-from synthetic.world import Item, WorldConfig, make_item, sample_frame_indices
+from synthetic.world import SHAPES, Item, WorldConfig, make_item, object_index_map, sample_frame_indices
 
 Log = Callable[[str], None]
 
@@ -40,6 +51,11 @@ class TrainConfig:
     stage1_steps: int = 300
     stage1_batch: int = 128
     stage1_lr: float = 2e-3
+    # The region loss (off by default) learns shapes slowly beside the contrastive one (its gradient is
+    # the smaller and both are clipped together), so the tower first learns it alone for a few steps.
+    # Tried: 200 steps, then weight 2.0 (BENCHMARKS.md, demo model).
+    stage1_region_steps: int = 0  # region loss only (no text tower: about 0.5 s a step)
+    stage1_region_loss: float = 0.0  # its weight beside the contrastive loss in the stage1_steps after
     stage2_images: int = 12000
     stage2_videos: int = 3000
     stage2_steps: int = 1000
@@ -80,7 +96,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class ContrastivePair(nn.Module):
-    """Vision tower + text tower + projections + temperature, trained with CLIP's loss."""
+    """Vision tower + text tower + projections + temperature (CLIP's loss), and the heads of the region loss."""
 
     def __init__(self, vision: CLIPVisionModel, text: CLIPTextModel, dim: int):
         super().__init__()
@@ -89,16 +105,48 @@ class ContrastivePair(nn.Module):
         self.visual_projection = nn.Linear(vision.config.hidden_size, dim, bias=False)
         self.text_projection = nn.Linear(text.config.hidden_size, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.shape_head = nn.Linear(vision.config.hidden_size, len(SHAPES))
 
-    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        image = self.visual_projection(self.vision(pixel_values=pixels).pooler_output)
+    def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(contrastive loss, [B, P, C] layer -2 patch features for region_loss())."""
+        out = self.vision(pixel_values=pixels, output_hidden_states=True)  # hidden_states[-2]: patch_features()
+        image = self.visual_projection(out.pooler_output)
         hidden = self.text(input_ids=ids, attention_mask=mask).last_hidden_state
         last = mask.sum(dim=1) - 1  # each caption ends with </s>: pool there
         text = self.text_projection(hidden[torch.arange(len(ids)), last])
         image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
         logits = self.logit_scale.exp().clamp(max=100) * image @ text.T
         target = torch.arange(len(ids))
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return contrastive, out.hidden_states[-2][:, 1:]
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, P, C] layer -2 patch features: what LLaVA's vision_feature_layer=-2 reads."""
+        return self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+
+    def region_loss(self, patches: torch.Tensor, regions: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each object's shape from its pooled patch features (object_regions(), batched)."""
+        pooled = regions @ patches  # [B, objects, C]
+        return F.cross_entropy(self.shape_head(pooled).flatten(0, 1), shapes.flatten(), ignore_index=-100)
+
+
+def object_regions(item: Item, patch: int, max_objects: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each object of frame 0 is, in patches, and what shape it is.
+
+    Returns float32 [max_objects, patches]: the share of the object's pixels in each patch (rows sum
+    to 1; patches row-major, as the tower's), and int64 [max_objects]: shape ids, -100 for padding rows.
+    """
+    index = object_index_map(item.scene, 0)
+    side = index.shape[0] // patch
+    blocks = index.reshape(side, patch, side, patch).transpose(0, 2, 1, 3).reshape(side * side, -1)
+    regions = np.zeros((max_objects, side * side), np.float32)
+    shapes = np.full(max_objects, -100, np.int64)
+    for i, obj in enumerate(item.scene["objects"]):
+        pixels = (blocks == i + 1).sum(1)
+        if pixels.sum():  # a video's late object is not in frame 0: leave it a padding row
+            regions[i] = pixels / pixels.sum()
+            shapes[i] = SHAPES.index(obj["shape"])
+    return regions, shapes
 
 
 def encode_captions(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,24 +162,46 @@ def train_stage1(
     items = [make_item(cfg.seed, i, "image", world) for i in range(cfg.stage1_images)]
     pixels = pixel_tensor(np.stack([it.frames[0] for it in items]), image_processor)
     ids, mask = encode_captions(tokenizer, [it.caption for it in items])
+    found = [object_regions(it, model_cfg.patch_size, world.max_objects) for it in items]
+    regions, shapes = (torch.from_numpy(np.stack(parts)) for parts in zip(*found, strict=True))
     vision = CLIPVisionModel(vision_config(world, model_cfg))
     text = CLIPTextModel(clip_text_config(tokenizer, model_cfg))
     pair = ContrastivePair(vision, text, model_cfg.vision_width).train()
     optimizer = torch.optim.AdamW(pair.parameters(), lr=cfg.stage1_lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
+    region_params = [*vision.parameters(), *pair.shape_head.parameters()]
+    warm = torch.optim.AdamW(region_params, lr=cfg.stage1_lr, weight_decay=0.05)
+    for step in range(cfg.stage1_region_steps):
+        set_lr(warm, cosine_lr(step, cfg.stage1_region_steps, cfg.stage1_lr, cfg.warmup))
+        batch = torch.randperm(len(items), generator=generator)[: cfg.stage1_batch]
+        region = pair.region_loss(pair.patch_features(pixels[batch]), regions[batch], shapes[batch])
+        warm.zero_grad(set_to_none=True)
+        region.backward()
+        torch.nn.utils.clip_grad_norm_(region_params, 1.0)
+        warm.step()
+        if step % cfg.log_every == 0 or step == cfg.stage1_region_steps - 1:
+            log(
+                f"stage 1 regions step {step:4d}/{cfg.stage1_region_steps} region loss {region.item():.3f} "
+                f"({time.perf_counter() - start:.0f}s)"
+            )
     for step in range(cfg.stage1_steps):
         set_lr(optimizer, cosine_lr(step, cfg.stage1_steps, cfg.stage1_lr, cfg.warmup))
         batch = torch.randperm(len(items), generator=generator)[: cfg.stage1_batch]
         width = int(mask[batch].sum(dim=1).max())
-        loss = pair(pixels[batch], ids[batch, :width], mask[batch, :width])
+        contrastive, patches = pair(pixels[batch], ids[batch, :width], mask[batch, :width])
+        loss, note = contrastive, ""
+        if cfg.stage1_region_loss:
+            region = pair.region_loss(patches, regions[batch], shapes[batch])
+            loss, note = loss + cfg.stage1_region_loss * region, f"region loss {region.item():.3f} "
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(pair.parameters(), 1.0)
         optimizer.step()
         if step % cfg.log_every == 0 or step == cfg.stage1_steps - 1:
             log(
-                f"stage 1 step {step:4d}/{cfg.stage1_steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)"
+                f"stage 1 step {step:4d}/{cfg.stage1_steps} contrastive {contrastive.item():.3f} "
+                f"{note}({time.perf_counter() - start:.0f}s)"
             )
     return vision.eval()
 

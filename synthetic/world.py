@@ -544,6 +544,21 @@ def _render(scene: dict) -> np.ndarray:
     return frames
 
 
+def object_index_map(scene: dict, t: int = 0) -> np.ndarray:
+    """int16 [H, W] of frame ``t``: 0 where no object is drawn, ``i + 1`` where ``scene["objects"][i]`` is.
+
+    Drawn with the same sprites and in the same order as the frames, so it labels exactly their object pixels.
+    """
+    size = scene["image_size"]
+    out = np.zeros((size, size), np.int16)
+    for i, obj in enumerate(scene["objects"]):
+        box = obj["boxes"][t]
+        if box is not None:
+            x0, y0, x1, y1 = box
+            out[y0:y1, x0:x1][_sprite(obj["shape"], obj["size_px"])] = i + 1
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ captions
 
 

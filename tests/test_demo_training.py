@@ -3,15 +3,25 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+from transformers import CLIPTextModel, CLIPVisionModel
 
 from jobs.train_demo_model import main as train_main
 from operators.engine import Engine, EngineConfig, Request, format_prompt
 from operators.loading import load_vlm
-from synthetic.demo_model import DemoModelConfig, build_processor, build_tokenizer
-from synthetic.train_demo import Example, build_sequences, examples_for, pixel_tensor
-from synthetic.world import WorldConfig, make_item, words
+from synthetic import world
+from synthetic.demo_model import DemoModelConfig, build_processor, build_tokenizer, clip_text_config, vision_config
+from synthetic.train_demo import (
+    ContrastivePair,
+    Example,
+    build_sequences,
+    examples_for,
+    object_regions,
+    pixel_tensor,
+)
+from synthetic.world import SHAPES, Item, WorldConfig, make_item, words
 
 
 def test_pixel_tensor_equals_the_image_processor():
@@ -57,8 +67,11 @@ def test_every_world_word_is_in_the_tokenizer():
 
 def test_quick_training_run_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "model"
-    train_main(["--out", str(out), "--quick", "--eval-seed", "5"])
+    train_main(
+        ["--out", str(out), "--quick", "--eval-seed", "5", "--stage1-region-steps", "2", "--stage1-region-loss", "1"]
+    )
     report = json.loads((out / "training_report.json").read_text())
+    assert (report["train"]["stage1_region_steps"], report["train"]["stage1_region_loss"]) == (2, 1.0)
     assert set(report["held_out"]) == {"image", "video"}
     assert 0.0 <= report["held_out"]["image"]["real"]["all"] <= 1.0
     model, processor = load_vlm(out)
@@ -73,3 +86,60 @@ def test_examples_cover_every_qa_pair_and_a_caption():
     examples = examples_for(item, [0], __import__("random").Random(0), 0.0)
     assert [e.answer for e in examples[: len(item.qa)]] == [q.answer for q in item.qa]
     assert examples[-1].answer == item.caption and isinstance(examples[-1], Example)
+
+
+def _scene_with(*objects: dict) -> Item:
+    return Item(
+        "img_0", "image", np.zeros((1, 64, 64, 3), np.uint8), "", [], {"image_size": 64, "objects": list(objects)}
+    )
+
+
+def test_object_regions_weigh_each_patch_by_the_objects_pixels_in_it():
+    square = {"shape": "square", "colour": "blue", "size_px": 8, "boxes": [[8, 16, 16, 24]]}  # exactly patch (2, 1)
+    regions, shapes = object_regions(_scene_with(square), 8, 4)
+    assert regions.shape == (4, 64) and regions.dtype == np.float32
+    expected = np.zeros((4, 64), np.float32)
+    expected[0, 2 * 8 + 1] = 1.0
+    assert np.array_equal(regions, expected)
+    assert shapes.tolist() == [SHAPES.index("square"), -100, -100, -100]
+
+    # A 12 px triangle (x 30..41, y 4..15) and a 6 px circle (x 44..49, y 6..11) 2 px apart share patch (1, 5)
+    # (x 40..47, y 8..15): 4 triangle pixels and 13 circle pixels are there.
+    triangle = {"shape": "triangle", "colour": "red", "size_px": 12, "boxes": [[30, 4, 42, 16]]}
+    circle = {"shape": "circle", "colour": "green", "size_px": 6, "boxes": [[44, 6, 50, 12]]}
+    late = {"shape": "diamond", "colour": "red", "size_px": 6, "boxes": [None]}  # appears after frame 0
+    regions, shapes = object_regions(_scene_with(triangle, circle, late), 8, 4)
+    index = world.object_index_map(_scene_with(triangle, circle).scene)
+    pixels = [int((index == i).sum()) for i in (1, 2)]
+    tri, circ = regions[0].reshape(8, 8), regions[1].reshape(8, 8)
+    assert tri[1, 5] * pixels[0] == pytest.approx(4) and circ[1, 5] * pixels[1] == pytest.approx(13)
+    assert set(np.flatnonzero(tri)) == {4, 8 + 3, 8 + 4, 8 + 5} and set(np.flatnonzero(circ)) == {5, 6, 8 + 5, 8 + 6}
+    np.testing.assert_allclose(regions[:2].sum(1), 1.0, rtol=1e-6)
+    assert not regions[2:].any()
+    assert shapes.tolist() == [SHAPES.index("triangle"), SHAPES.index("circle"), -100, -100]
+
+
+def test_the_region_loss_reaches_the_tower_and_learns_shapes():
+    """A few steps on a handful of images fit the shapes: the loss flows through the pooling into the tower."""
+    world, model_cfg = WorldConfig(), DemoModelConfig(vision_width=64, vision_layers=2, clip_text_layers=1)
+    tokenizer = build_tokenizer(world)
+    processor = build_processor(tokenizer, world, model_cfg)
+    items = [make_item(8, i, "image", world) for i in range(12)]
+    pixels = pixel_tensor(np.stack([it.frames[0] for it in items]), processor.image_processor)
+    found = [object_regions(it, model_cfg.patch_size, world.max_objects) for it in items]
+    regions, shapes = (torch.from_numpy(np.stack(parts)) for parts in zip(*found, strict=True))
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(vision_config(world, model_cfg))
+    pair = ContrastivePair(vision, CLIPTextModel(clip_text_config(tokenizer, model_cfg)), model_cfg.vision_width)
+    stem = vision.get_input_embeddings().weight
+    before = stem.detach().clone()
+    optimizer = torch.optim.AdamW(pair.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = pair.region_loss(pair.patch_features(pixels), regions, shapes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert not torch.equal(before, stem)  # the gradient reaches the tower's first layer

@@ -204,6 +204,16 @@ def test_blank_frames_remove_exactly_the_objects(items):
         assert np.array_equal((blank != item.frames).any(-1), _object_mask(item))
 
 
+def test_object_index_map_labels_exactly_the_drawn_object_pixels(items):
+    for item in items[::10]:
+        for t in range(item.frames.shape[0]):
+            index = world.object_index_map(item.scene, t)
+            assert index.shape == item.frames.shape[1:3]
+            assert np.array_equal(index > 0, (blank_frames(item)[t] != item.frames[t]).any(-1))
+            for i, obj in enumerate(item.scene["objects"]):  # each object's pixels carry its colour
+                assert (item.frames[t][index == i + 1] == world.COLOURS[obj["colour"]]).all()
+
+
 @pytest.mark.parametrize("codec", [None, "mpeg4"])
 def test_mp4_round_trip(tmp_path, codec):
     item = make_item(2, 0, "video")
