@@ -34,12 +34,14 @@ def projector_flops(vision_width: int, text_width: int, tokens: int) -> float:
     return 2.0 * tokens * (vision_width * text_width + text_width * text_width)
 
 
-def vision_flops(adapter, media, segments, kept_per_segment: int) -> float:
-    """Tower + projector FLOPs for one media item."""
+def vision_flops(adapter, media, segments, kept_per_segment: int, rows_sharing: int = 1) -> float:
+    """Tower + projector FLOPs for one media item of one row. When ``rows_sharing`` rows share one
+    tower pass over the item (questions about the same video), each is charged an equal share of it,
+    so the rows' sum is what ran; every row runs its own projector on the tokens it keeps."""
     config = adapter.config
     count = media.pixel_values.shape[0]
     projected = count * (kept_per_segment + (1 if segments.cls is not None else 0))
-    return vision_tower_flops(config.vision_config, count) + projector_flops(
+    return vision_tower_flops(config.vision_config, count) / rows_sharing + projector_flops(
         config.vision_config.hidden_size, config.text_config.hidden_size, projected
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -267,6 +267,8 @@ class Engine:
         cfg = self.config
         method = cfg.pruning_method
         batched = self._vispruner_batched(segments) if method == "vispruner" else {}
+        # Rows that share media share its Segments object, and so its one tower pass (see _encode).
+        sharing = Counter(id(seg) for row_segments in segments for seg in row_segments)
         streams, extra_flops = [], []
         for row, row_segments in zip(rows, segments, strict=True):
             row_streams, flops = [], 0.0
@@ -283,7 +285,7 @@ class Engine:
                     indices, tokens = prune_none(seg.patches, seg.cls_attention, budget)
                 projected = self.adapter.project(tokens)
                 row_streams.append(self.adapter.assemble(media, seg, indices, projected))
-                flops += accounting.vision_flops(self.adapter, media, seg, tokens.shape[1])
+                flops += accounting.vision_flops(self.adapter, media, seg, tokens.shape[1], sharing[id(seg)])
             streams.append(row_streams)
             extra_flops.append(flops)
         return streams, extra_flops

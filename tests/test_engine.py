@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from operators.accounting import vision_tower_flops
 from operators.engine import Engine, EngineConfig, Request, format_prompt, length_batches
 from tests.conftest import random_image, random_video
 
@@ -177,6 +178,11 @@ def test_questions_sharing_media_encode_it_once_with_the_same_results(tiny, fami
     assert encoded == [2 * per_media]  # the shared media went through the tower once
     assert [r.token_ids for r in shared] == [r.token_ids for r in expected]
     assert [r.visual_tokens_kept for r in shared] == [r.visual_tokens_kept for r in expected]
+    # The two rows that shared the pass are charged half of it each; the third row pays its own.
+    half_tower = vision_tower_flops(model.config.vision_config, per_media) / 2
+    for s, e in zip(shared[:2], expected[:2], strict=True):
+        assert s.prefill_flops == pytest.approx(e.prefill_flops - half_tower, rel=1e-9)
+    assert shared[2].prefill_flops == pytest.approx(expected[2].prefill_flops, rel=1e-9)
 
 
 @pytest.mark.parametrize("method", ["vispruner", "fastv", "random", "pool"])
