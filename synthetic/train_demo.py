@@ -162,8 +162,10 @@ def train_stage1(
     items = [make_item(cfg.seed, i, "image", world) for i in range(cfg.stage1_images)]
     pixels = pixel_tensor(np.stack([it.frames[0] for it in items]), image_processor)
     ids, mask = encode_captions(tokenizer, [it.caption for it in items])
-    found = [object_regions(it, model_cfg.patch_size, world.max_objects) for it in items]
-    regions, shapes = (torch.from_numpy(np.stack(parts)) for parts in zip(*found, strict=True))
+    use_regions = bool(cfg.stage1_region_steps or cfg.stage1_region_loss)
+    if use_regions:
+        found = [object_regions(it, model_cfg.patch_size, world.max_objects) for it in items]
+        regions, shapes = (torch.from_numpy(np.stack(parts)) for parts in zip(*found, strict=True))
     vision = CLIPVisionModel(vision_config(world, model_cfg))
     text = CLIPTextModel(clip_text_config(tokenizer, model_cfg))
     pair = ContrastivePair(vision, text, model_cfg.vision_width).train()
@@ -171,7 +173,7 @@ def train_stage1(
     generator = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
     region_params = [*vision.parameters(), *pair.shape_head.parameters()]
-    warm = torch.optim.AdamW(region_params, lr=cfg.stage1_lr, weight_decay=0.05)
+    warm = torch.optim.AdamW(region_params, lr=cfg.stage1_lr, weight_decay=0.05) if use_regions else None
     for step in range(cfg.stage1_region_steps):
         set_lr(warm, cosine_lr(step, cfg.stage1_region_steps, cfg.stage1_lr, cfg.warmup))
         batch = torch.randperm(len(items), generator=generator)[: cfg.stage1_batch]
