@@ -535,12 +535,12 @@ def _render_background(scene: dict) -> np.ndarray:
 
 def _render(scene: dict) -> np.ndarray:
     frames = np.repeat(_render_background(scene)[None], scene["num_frames"], axis=0)
-    for obj in scene["objects"]:
-        mask, colour = _sprite(obj["shape"], obj["size_px"]), np.asarray(COLOURS[obj["colour"]], np.uint8)
-        for t, box in enumerate(obj["boxes"]):
-            if box is not None:
-                x0, y0, x1, y1 = box
-                frames[t, y0:y1, x0:x1][mask] = colour
+    # Row i + 1 is object i's colour, so an object index map colours its frame in one step.
+    palette = np.array([(0, 0, 0)] + [COLOURS[o["colour"]] for o in scene["objects"]], np.uint8)
+    for t in range(scene["num_frames"]):
+        index = object_index_map(scene, t)
+        drawn = index > 0
+        frames[t][drawn] = palette[index[drawn]]
     return frames
 
 
