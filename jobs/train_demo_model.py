@@ -35,6 +35,8 @@ QUICK = TrainConfig(
     stage2_steps=4,
     stage2_image_batch=8,
     stage2_video_batch=2,
+    stage2_image_items=2,
+    stage2_video_items=1,
     warmup=2,
     log_every=1,
 )
@@ -108,12 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stage1-region-loss", type=float, help="weight of the region loss beside the contrastive one; default 0"
     )
+    parser.add_argument(
+        "--stage2-pack",
+        action="store_const",
+        const=True,
+        help="stage 2 batches whole items, each packed into one row sharing its image tokens; default off",
+    )
+    parser.add_argument("--stage2-steps", type=int, help=f"stage 2 steps; default {TrainConfig.stage2_steps}")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     world, model_cfg = WorldConfig(), DemoModelConfig()
     cfg = dataclasses.replace(QUICK, seed=args.seed) if args.quick else TrainConfig(seed=args.seed)
-    for key in ("stage1_region_steps", "stage1_region_loss"):
+    for key in ("stage1_region_steps", "stage1_region_loss", "stage2_pack", "stage2_steps"):
         if getattr(args, key) is not None:
             cfg = dataclasses.replace(cfg, **{key: getattr(args, key)})
     tokenizer = build_tokenizer(world)

@@ -19,7 +19,13 @@ Stage 2: LLaVA-style training of the projector and a small Llama from scratch on
 QA pairs, next-token loss on the answer tokens only, with the tower frozen (as LLaVA does). Because
 the tower is frozen, its layer -2 patch features are computed once and cached, which is what makes
 this fit a 2-core CPU. Videos are fed as ``frames_per_video`` uniformly sampled frames, one
-``<image>`` each.
+``<image>`` each. Optionally (``stage2_pack``) a batch is whole items, each packed into one row
+(``pack_items``): the image tokens once, then every caption and QA pair of the item as a branch that
+sees only them and itself. That is the loss of separate sequences at a fraction of the tokens (image
+tokens are 64 of a QA sequence's ~80): 2.3x (images) to 5.3x (videos) the answer tokens per second.
+It is off by default: with 1300 packed steps in the same budget the model answered a little better
+(held-out images 0.504 against 0.473) but the gap to blank media did not grow, so it did not replace
+the committed model (BENCHMARKS.md, demo model).
 """
 
 from __future__ import annotations
@@ -59,11 +65,16 @@ class TrainConfig:
     stage2_images: int = 12000
     stage2_videos: int = 3000
     stage2_steps: int = 1000
-    stage2_image_batch: int = 48
+    stage2_image_batch: int = 48  # examples (separate sequences) per image step
     stage2_video_batch: int = 12
+    # Packed (off by default; tried in BENCHMARKS.md, demo model): a step takes whole items, each one
+    # row whose examples share its image tokens (pack_items), so the batch sizes count items.
+    stage2_pack: bool = False
+    stage2_image_items: int = 12
+    stage2_video_items: int = 3
     stage2_lr: float = 1.5e-3
     video_share: float = 0.35  # share of stage-2 steps that are video batches
-    caption_share: float = 0.3  # share of sequences that are captions rather than QA
+    caption_share: float = 0.3  # per QA pair, the chance of one more copy of the item's caption
     warmup: int = 40
     log_every: int = 25
 
@@ -248,15 +259,18 @@ def cache_features(vision: CLIPVisionModel, frames: np.ndarray, image_processor,
     return torch.cat(out)
 
 
+def tokenize_example(tokenizer, ex: Example, tokens_per_frame: int) -> tuple[list[int], list[int]]:
+    """Token ids (image placeholders expanded) and labels (answer + </s> only) of one example."""
+    prompt = ex.prompt.replace("<image>", "<image>" * tokens_per_frame)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
 def build_sequences(tokenizer, examples: list[Example], image_token_id: int, tokens_per_frame: int):
-    """Token ids (image placeholders expanded), labels (answer + </s> only) and masks, right-padded."""
-    seqs, labels = [], []
-    for ex in examples:
-        prompt = ex.prompt.replace("<image>", "<image>" * tokens_per_frame)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        seqs.append(prompt_ids + answer_ids)
-        labels.append([-100] * len(prompt_ids) + answer_ids)
+    """Token ids, labels and masks of the examples as separate sequences, right-padded (what
+    ``pack_items`` must be equivalent to; the prompt tokens match the inference processor's)."""
+    seqs, labels = zip(*(tokenize_example(tokenizer, ex, tokens_per_frame) for ex in examples), strict=True)
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
     target = torch.full((len(seqs), width), -100)
@@ -269,14 +283,65 @@ def build_sequences(tokenizer, examples: list[Example], image_token_id: int, tok
     return ids, target, mask
 
 
-def lm_loss(llava: LlavaForConditionalGeneration, ids, target, mask, features: torch.Tensor) -> torch.Tensor:
-    """Next-token loss with projected cached features spliced over the placeholders."""
+def _shared_prefix(seqs: list[list[int]], labels: list[list[int]]) -> int:
+    """Length of the tokens every sequence starts with, stopping before any sequence's last prompt token
+    (each branch must hold the token that predicts its first answer token)."""
+    n = 0
+    while all(n < len(s) and s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    first_answer = min(lab.index(next(t for t in lab if t != -100)) for lab in labels)
+    return min(n, first_answer - 1)
+
+
+def pack_items(tokenizer, groups: list[list[Example]], image_token_id: int, tokens_per_frame: int):
+    """One row per item: the shared prefix (``USER:`` and the image tokens) once, then every example's
+    remainder as a branch that attends only to the prefix and to itself, with the positions it would
+    have alone. The loss over a packed batch therefore equals the loss over the same examples as
+    separate sequences (tests/test_demo_training.py), while the image tokens, most of a QA sequence,
+    are computed once per item instead of once per example.
+
+    Returns ids, labels, position ids [B, L] and a boolean attention mask [B, 1, L, L] (True = attend).
+    """
+    rows = []
+    for group in groups:
+        seqs, labels = zip(*(tokenize_example(tokenizer, ex, tokens_per_frame) for ex in group), strict=True)
+        p = _shared_prefix(list(seqs), list(labels))
+        ids, lab, pos, seg = list(seqs[0][:p]), list(labels[0][:p]), list(range(p)), [0] * p
+        for branch, (s, lb) in enumerate(zip(seqs, labels, strict=True), start=1):
+            assert image_token_id not in s[p:], "image placeholders outside the shared prefix"
+            ids += s[p:]
+            lab += lb[p:]
+            pos += range(p, len(s))
+            seg += [branch] * (len(s) - p)
+        rows.append((ids, lab, pos, seg))
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    target = torch.full((len(rows), width), -100)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    segment = torch.full((len(rows), width), -1)  # 0 prefix, k branch k, -1 padding
+    for i, (r_ids, r_lab, r_pos, r_seg) in enumerate(rows):
+        n = len(r_ids)
+        ids[i, :n], target[i, :n] = torch.tensor(r_ids), torch.tensor(r_lab)
+        positions[i, :n], segment[i, :n] = torch.tensor(r_pos), torch.tensor(r_seg)
+    q, k = segment[:, :, None], segment[:, None, :]  # [B, L, 1], [B, 1, L]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = causal & (k >= 0) & ((k == 0) | (k == q))
+    mask |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+    assert bool((ids == image_token_id).any()), "no image placeholders in a training batch"
+    return ids, target, positions, mask[:, None]
+
+
+def lm_loss(
+    llava: LlavaForConditionalGeneration, ids, target, mask, features: torch.Tensor, positions=None
+) -> torch.Tensor:
+    """Next-token loss with projected cached features spliced over the placeholders. ``mask`` is a
+    [B, L] padding mask or a [B, 1, L, L] attention mask (with ``positions``, for packed rows)."""
     embeds = llava.model.language_model.embed_tokens(ids)
     projected = llava.model.multi_modal_projector(features.float())  # [frames, patches, D]
     placeholder = ids == llava.config.image_token_id
     embeds = embeds.masked_scatter(placeholder[..., None], projected.reshape(-1, projected.shape[-1]))
-    hidden = llava.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    logits = llava.lm_head(hidden[:, :-1])
+    hidden = llava.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    logits = llava.lm_head(hidden.last_hidden_state[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), ignore_index=-100)
 
 
@@ -300,13 +365,15 @@ def train_stage2(
             picked = sampled_frames(item, model_cfg.frames_per_video)
             rows = list(range(len(frames), len(frames) + len(picked)))
             frames.extend(picked)
-            pools[kind].extend(examples_for(item, rows, rng, cfg.caption_share))
+            pools[kind].append(examples_for(item, rows, rng, cfg.caption_share))
+    if not cfg.stage2_pack:  # sample examples, not items
+        pools = {kind: [ex for group in groups for ex in group] for kind, groups in pools.items()}
     log(f"stage 2: caching layer -2 features of {len(frames)} frames")
     t0 = time.perf_counter()
     features = cache_features(vision, np.stack(frames), image_processor)
     log(
         f"stage 2: cached {tuple(features.shape)} in {time.perf_counter() - t0:.0f}s; "
-        f"{len(pools['image'])} image and {len(pools['video'])} video sequences"
+        f"{len(pools['image'])} image and {len(pools['video'])} video {'items' if cfg.stage2_pack else 'examples'}"
     )
 
     llava = build_llava(tokenizer, world, model_cfg)
@@ -320,11 +387,15 @@ def train_stage2(
     for step in range(cfg.stage2_steps):
         set_lr(optimizer, cosine_lr(step, cfg.stage2_steps, cfg.stage2_lr, cfg.warmup))
         kind = "video" if rng.random() < cfg.video_share else "image"
-        size = cfg.stage2_video_batch if kind == "video" else cfg.stage2_image_batch
-        batch = rng.sample(pools[kind], size)
-        ids, target, mask = build_sequences(tokenizer, batch, llava.config.image_token_id, tokens_per_frame)
-        rows = torch.tensor([r for ex in batch for r in ex.frames])
-        loss = lm_loss(llava, ids, target, mask, features[rows])
+        if cfg.stage2_pack:
+            groups = rng.sample(pools[kind], cfg.stage2_video_items if kind == "video" else cfg.stage2_image_items)
+            ids, target, positions, mask = pack_items(tokenizer, groups, llava.config.image_token_id, tokens_per_frame)
+            rows = torch.tensor([r for group in groups for r in group[0].frames])
+        else:
+            batch = rng.sample(pools[kind], cfg.stage2_video_batch if kind == "video" else cfg.stage2_image_batch)
+            ids, target, mask = build_sequences(tokenizer, batch, llava.config.image_token_id, tokens_per_frame)
+            positions, rows = None, torch.tensor([r for ex in batch for r in ex.frames])
+        loss = lm_loss(llava, ids, target, mask, features[rows], positions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

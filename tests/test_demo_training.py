@@ -12,13 +12,22 @@ from jobs.train_demo_model import main as train_main
 from operators.engine import Engine, EngineConfig, Request, format_prompt
 from operators.loading import load_vlm
 from synthetic import world
-from synthetic.demo_model import DemoModelConfig, build_processor, build_tokenizer, clip_text_config, vision_config
+from synthetic.demo_model import (
+    DemoModelConfig,
+    build_llava,
+    build_processor,
+    build_tokenizer,
+    clip_text_config,
+    vision_config,
+)
 from synthetic.train_demo import (
     ContrastivePair,
     Example,
     build_sequences,
     examples_for,
+    lm_loss,
     object_regions,
+    pack_items,
     pixel_tensor,
 )
 from synthetic.world import SHAPES, Item, WorldConfig, make_item, words
@@ -65,13 +74,21 @@ def test_every_world_word_is_in_the_tokenizer():
             assert all(w in vocab for t in texts for w in words(t))
 
 
-def test_quick_training_run_writes_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ([], {"stage1_region_steps": 0, "stage2_pack": False, "stage2_steps": 4}),
+        (
+            ["--stage1-region-steps", "2", "--stage1-region-loss", "1", "--stage2-pack", "--stage2-steps", "3"],
+            {"stage1_region_steps": 2, "stage1_region_loss": 1.0, "stage2_pack": True, "stage2_steps": 3},
+        ),
+    ],
+)
+def test_quick_training_run_writes_a_loadable_checkpoint(tmp_path, flags, expected):
     out = tmp_path / "model"
-    train_main(
-        ["--out", str(out), "--quick", "--eval-seed", "5", "--stage1-region-steps", "2", "--stage1-region-loss", "1"]
-    )
+    train_main(["--out", str(out), "--quick", "--eval-seed", "5", *flags])
     report = json.loads((out / "training_report.json").read_text())
-    assert (report["train"]["stage1_region_steps"], report["train"]["stage1_region_loss"]) == (2, 1.0)
+    assert {key: report["train"][key] for key in expected} == expected
     assert set(report["held_out"]) == {"image", "video"}
     assert 0.0 <= report["held_out"]["image"]["real"]["all"] <= 1.0
     model, processor = load_vlm(out)
@@ -143,3 +160,64 @@ def test_the_region_loss_reaches_the_tower_and_learns_shapes():
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses
     assert not torch.equal(before, stem)  # the gradient reaches the tower's first layer
+
+
+def _item_groups(model_cfg: DemoModelConfig, caption_share: float) -> list[list[Example]]:
+    groups, row, rng = [], 0, __import__("random").Random(0)
+    for kind, index in (("image", 0), ("video", 1), ("image", 2)):
+        item = make_item(3, index, kind, WorldConfig())
+        frames = 1 if kind == "image" else model_cfg.frames_per_video
+        groups.append(examples_for(item, list(range(row, row + frames)), rng, caption_share))
+        row += frames
+    return groups
+
+
+def test_packed_items_give_the_loss_of_their_examples_as_separate_sequences():
+    """Packing shares each item's image tokens between its examples without letting them see each other:
+    the loss and its gradient equal those of the same examples one sequence each."""
+    world, model_cfg = WorldConfig(), DemoModelConfig(text_width=64, text_layers=2, text_ffn=128, vision_layers=1)
+    tokenizer = build_tokenizer(world)
+    torch.manual_seed(0)
+    llava = build_llava(tokenizer, world, model_cfg)
+    per_frame = (world.image_size // model_cfg.patch_size) ** 2
+    groups = _item_groups(model_cfg, caption_share=0.5)
+    assert sum(len(g) > len(make_item(3, 0, "image", world).qa) for g in groups) >= 2  # captions are in
+    features = torch.randn(sum(len(g[0].frames) for g in groups), per_frame, model_cfg.vision_width)
+    flat = [ex for g in groups for ex in g]
+    image_id = llava.config.image_token_id
+
+    def loss_and_grad(ids, target, mask, rows, positions=None):
+        llava.zero_grad()
+        loss = lm_loss(llava, ids, target, mask, features[torch.tensor(rows)], positions)
+        loss.backward()
+        return loss.detach(), llava.model.multi_modal_projector.linear_1.weight.grad.clone()
+
+    ids, target, mask = build_sequences(tokenizer, flat, image_id, per_frame)
+    expected = loss_and_grad(ids, target, mask, [r for ex in flat for r in ex.frames])
+    p_ids, p_target, positions, p_mask = pack_items(tokenizer, groups, image_id, per_frame)
+    got = loss_and_grad(p_ids, p_target, p_mask, [r for g in groups for r in g[0].frames], positions)
+
+    assert p_ids.shape[0] == len(groups) and p_ids.numel() < ids.numel() / 3
+    assert (p_target != -100).sum() == (target != -100).sum()  # every answer token, once
+    assert (p_ids == image_id).sum() == sum(len(g[0].frames) for g in groups) * per_frame  # image tokens once
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+
+
+def test_packed_branches_see_the_prefix_and_themselves_only():
+    world, model_cfg = WorldConfig(), DemoModelConfig()
+    tokenizer = build_tokenizer(world)
+    per_frame = (world.image_size // model_cfg.patch_size) ** 2
+    group = _item_groups(model_cfg, caption_share=0.0)[0]
+    ids, target, positions, mask = pack_items(tokenizer, [group], tokenizer.convert_tokens_to_ids("<image>"), per_frame)
+    mask, positions = mask[0, 0], positions[0].tolist()
+    # every branch after the first restarts its positions where the shared prefix ends
+    restarts = [i for i in range(1, len(positions)) if positions[i] <= positions[i - 1]]
+    prefix = positions[restarts[0]]
+    starts = [prefix, *restarts]
+    assert len(starts) == len(group) and all(positions[s] == prefix for s in starts)
+    assert (ids[0, :prefix] == tokenizer.convert_tokens_to_ids("<image>")).sum() == per_frame
+    assert (target[0, :prefix] == -100).all()
+    for start, end in zip(starts, [*starts[1:], len(positions)], strict=True):
+        for q in (start, end - 1):
+            assert mask[q].nonzero().flatten().tolist() == list(range(prefix)) + list(range(start, q + 1))
