@@ -234,7 +234,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(front)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="base config; setups override pruning/decode")
     parser.add_argument("--corpus", help="existing corpus to caption (default: generate one under --out)")
@@ -254,6 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark"))
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every setup")
     args = parser.parse_args(argv)
+    # argparse hands overrides written after `--setups a b` to --setups; no setup name holds '='.
+    args.overrides += [s for s in args.setups or [] if "=" in s]
+    args.setups = [s for s in args.setups or [] if "=" not in s] or None
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser, args = parse_args(argv)
     args.max_new_tokens = args.max_new_tokens or (160 if args.task == "caption" else 4)
 
     from pipeline.run import init_ray

@@ -16,6 +16,13 @@ def test_pareto_front_keeps_only_unbeaten_points():
     assert benchmark.pareto_front(points) == [(0.8, 9.0), (0.9, 5.0), (1.0, 4.0)]
 
 
+def test_overrides_may_follow_the_setup_names():
+    _, args = benchmark.parse_args(["--setups", "vispruner-1/9", "ttp-1/9", "compute.batch_size=4", "--repeats", "2"])
+    assert args.setups == ["vispruner-1/9", "ttp-1/9"] and args.overrides == ["compute.batch_size=4"]
+    _, args = benchmark.parse_args(["decode.max_new_tokens=8", "--setups", "pruning.budget=7"])
+    assert args.setups is None and args.overrides == ["decode.max_new_tokens=8", "pruning.budget=7"]
+
+
 def test_tree_rss_counts_this_process():
     import os
 
