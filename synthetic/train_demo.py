@@ -267,20 +267,20 @@ def tokenize_example(tokenizer, ex: Example, tokens_per_frame: int) -> tuple[lis
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
 
 
+def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(map(len, rows))), value)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
 def build_sequences(tokenizer, examples: list[Example], image_token_id: int, tokens_per_frame: int):
     """Token ids, labels and masks of the examples as separate sequences, right-padded (what
     ``pack_items`` must be equivalent to; the prompt tokens match the inference processor's)."""
     seqs, labels = zip(*(tokenize_example(tokenizer, ex, tokens_per_frame) for ex in examples), strict=True)
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-    target = torch.full((len(seqs), width), -100)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        target[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(s)] = 1
+    ids = _right_pad(seqs, tokenizer.pad_token_id)
     assert bool((ids == image_token_id).any()), "no image placeholders in a training batch"
-    return ids, target, mask
+    return ids, _right_pad(labels, -100), _right_pad([[1] * len(s) for s in seqs], 0)
 
 
 def _shared_prefix(seqs: list[list[int]], labels: list[list[int]]) -> int:
@@ -289,7 +289,7 @@ def _shared_prefix(seqs: list[list[int]], labels: list[list[int]]) -> int:
     n = 0
     while all(n < len(s) and s[n] == seqs[0][n] for s in seqs):
         n += 1
-    first_answer = min(lab.index(next(t for t in lab if t != -100)) for lab in labels)
+    first_answer = min(next(i for i, t in enumerate(lab) if t != -100) for lab in labels)
     return min(n, first_answer - 1)
 
 
@@ -302,7 +302,7 @@ def pack_items(tokenizer, groups: list[list[Example]], image_token_id: int, toke
 
     Returns ids, labels, position ids [B, L] and a boolean attention mask [B, 1, L, L] (True = attend).
     """
-    rows = []
+    row_ids, row_labels, row_positions, row_segments = [], [], [], []
     for group in groups:
         seqs, labels = zip(*(tokenize_example(tokenizer, ex, tokens_per_frame) for ex in group), strict=True)
         p = _shared_prefix(list(seqs), list(labels))
@@ -313,16 +313,14 @@ def pack_items(tokenizer, groups: list[list[Example]], image_token_id: int, toke
             lab += lb[p:]
             pos += range(p, len(s))
             seg += [branch] * (len(s) - p)
-        rows.append((ids, lab, pos, seg))
-    width = max(len(r[0]) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    target = torch.full((len(rows), width), -100)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    segment = torch.full((len(rows), width), -1)  # 0 prefix, k branch k, -1 padding
-    for i, (r_ids, r_lab, r_pos, r_seg) in enumerate(rows):
-        n = len(r_ids)
-        ids[i, :n], target[i, :n] = torch.tensor(r_ids), torch.tensor(r_lab)
-        positions[i, :n], segment[i, :n] = torch.tensor(r_pos), torch.tensor(r_seg)
+        row_ids.append(ids)
+        row_labels.append(lab)
+        row_positions.append(pos)
+        row_segments.append(seg)
+    ids, target = _right_pad(row_ids, tokenizer.pad_token_id), _right_pad(row_labels, -100)
+    positions = _right_pad(row_positions, 0)
+    segment = _right_pad(row_segments, -1)  # 0 prefix, k branch k, -1 padding
+    width = ids.shape[1]
     q, k = segment[:, :, None], segment[:, None, :]  # [B, L, 1], [B, 1, L]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = causal & (k >= 0) & ((k == 0) | (k == q))
