@@ -45,16 +45,21 @@ class CacheGroup:
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def attention_mask(self, block_valid: torch.Tensor) -> torch.Tensor | None:
+    def attention_mask(self, block_valid: torch.Tensor, implicit_causal: bool = True) -> torch.Tensor | None:
         """Bool mask [B, 1, q, length+q] for a block of q queries appended at ``length``.
 
         Queries see every valid cached token and, causally, the block itself. Returns None when
-        nothing needs masking (no padding, and either a fresh prefill or a single query), which
-        lets SDPA take its causal fast path exactly as Hugging Face's own forward does.
+        nothing needs masking: no padding and a single query, or, with ``implicit_causal`` (SDPA,
+        which is causal when given no mask), a fresh prefill; SDPA then takes its causal fast path
+        exactly as Hugging Face's own forward does.
         """
         q = block_valid.shape[1]
         start = self.length
-        if bool(self.valid[:, :start].all()) and bool(block_valid.all()) and (start == 0 or q == 1):
+        if (
+            bool(self.valid[:, :start].all())
+            and bool(block_valid.all())
+            and (q == 1 or (implicit_causal and start == 0))
+        ):
             return None
         keys_valid = torch.cat([self.valid[:, :start], block_valid], dim=1)  # [B, start+q]
         col = torch.arange(start + q, device=block_valid.device)

@@ -1,4 +1,5 @@
-"""Loading LLaVA-family checkpoints (safetensors only) from a directory or an object-store URI."""
+"""Loading checkpoints of the registered model families (safetensors only) from a directory or an
+object-store URI."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from operators.adapters import FAMILIES, FrameProcessor
+from operators.families.base import FamilyAdapter, adapter_class
 
 # Files a checkpoint directory may hold that we copy from object storage; weights must be safetensors.
 CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -66,12 +67,13 @@ def stage_directory(target: Path, fill) -> Path:
     return target
 
 
-def model_family(directory: Path) -> str:
-    config = json.loads((directory / "config.json").read_text())
-    family = config.get("model_type")
-    if family not in FAMILIES:
-        raise ValueError(f"{directory}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
-    return family
+def model_family(directory: Path) -> type[FamilyAdapter]:
+    """The adapter class of the checkpoint's ``model_type``; ValueError if no family serves it."""
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    try:
+        return adapter_class(model_type)
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
 
 
 def load_vlm(
@@ -86,12 +88,7 @@ def load_vlm(
     The language model runs on SDPA; [CLS] attention comes from a hook (operators.vision), so the
     vision tower needs no eager attention. Only safetensors weights load; remote code never runs.
     """
-    from transformers import (
-        AutoProcessor,
-        LlavaForConditionalGeneration,
-        LlavaNextForConditionalGeneration,
-        VideoLlavaForConditionalGeneration,
-    )
+    import transformers
 
     source = str(source)
     if is_remote(source):
@@ -102,20 +99,11 @@ def load_vlm(
         raise FileNotFoundError(f"{directory} is not a checkpoint directory (no config.json)")
     if not any(directory.glob("*.safetensors")):
         raise FileNotFoundError(f"{directory} has no .safetensors weights (only safetensors checkpoints are loaded)")
-    family = model_family(directory)
-    classes = {
-        "llava": LlavaForConditionalGeneration,
-        "llava_next": LlavaNextForConditionalGeneration,
-        "video_llava": VideoLlavaForConditionalGeneration,
-    }
+    adapter = model_family(directory)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    model = classes[family].from_pretrained(
+    model = getattr(transformers, adapter.model_class).from_pretrained(
         directory, dtype=dtype, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa"
     )
     model.to(device).eval()
-    if family == "video_llava":
-        processor = FrameProcessor.from_pretrained(directory)
-    else:
-        processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
-    return model, processor
+    return model, adapter.load_processor(directory)

@@ -28,7 +28,7 @@ from transformers import (
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from operators.adapters import FrameProcessor
+from operators.families.video_llava import FrameProcessor
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
 WORDS = (

@@ -3,7 +3,8 @@
 The shallow model {base layers 1..K} + twig drafts tokens for self-speculative decoding, and its
 last layer's attention ranks visual tokens for twig-guided pruning (TTP). This module holds the
 twig itself (pure PyTorch + Hugging Face layers), growing it from a base model, a fingerprint of
-the base weights, saving/loading (safetensors only), and TTP's budget arithmetic.
+the base weights, and saving/loading (safetensors only). TTP's budget arithmetic is
+``operators.budgets``.
 
 Layer ids: twig layer t caches its keys/values under id ``n_base_layers + t``, so one
 ``operators.kv_cache.KVCache`` can hold base and twig layers without confusing them.
@@ -14,15 +15,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
-from fractions import Fraction
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from operators.decoder import text_model
+from operators.language_model import text_model
 from operators.loading import DEFAULT_CACHE, is_remote, stage_directory
 
 FORMAT = "vlm-batch-twig/1"
@@ -57,7 +56,7 @@ class Twig(nn.Module):
 
     @property
     def modules_by_id(self) -> dict[int, nn.Module]:
-        """layer id -> twig layer (for ``operators.decoder.run_layers(..., modules=...)``)."""
+        """layer id -> twig layer (for ``operators.language_model.run_layers(..., modules=...)``)."""
         return dict(zip(self.layer_ids, self.layers, strict=True))
 
     def hidden(
@@ -332,24 +331,3 @@ def load_twig(
     state = load_file(str(weights))
     twig.load_state_dict(state, strict=True)  # copies into the base's dtype and device
     return twig.eval()
-
-
-# --- twig-guided pruning budget -------------------------------------------------------------------
-
-
-def ttp_budget(L: int, K: int, K_f: int, M: int, R_bar: float) -> int:
-    """Visual tokens R kept after layer K for a layer-averaged budget R_bar (TwigVLM).
-
-    Layers 1..K see all M visual tokens, layers K+1..K_f see R, layers after K_f (FinalWipe) see
-    none: R_bar = (M*K + R*(K_f - K)) / L, so R = ceil((L*R_bar - K*M) / (K_f - K)), clamped to
-    [0, M]. LLaVA-1.5-7B (L=32, K=2, K_f=24, M=576): R_bar 64 / 128 / 192 -> R 41 / 134 / 227.
-    """
-    if not 1 <= K < K_f <= L:
-        raise ValueError(f"need 1 <= K < K_f <= L, got K={K}, K_f={K_f}, L={L}")
-    exact = (L * Fraction(R_bar) - K * M) / (K_f - K)  # exact: no float rounding before the ceiling
-    return max(0, min(M, math.ceil(exact)))
-
-
-def layer_average(L: int, K: int, K_f: int, M: int, R: int) -> float:
-    """Layer-averaged visual tokens R_bar = (M*K + R*(K_f - K)) / L (inverse of :func:`ttp_budget`)."""
-    return (M * K + R * (K_f - K)) / L

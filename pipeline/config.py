@@ -14,9 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from operators.settings import EngineConfig, SettingError
+
 # Bumped when the Parquet schema or the meaning of a column changes; part of the fingerprint.
 OUTPUT_SCHEMA_VERSION = 3
-PRUNING_METHODS = ("none", "vispruner", "fastv", "random", "pool", "ttp")  # operators.pruning.METHODS (tested equal)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "3gp")
 
@@ -76,26 +77,28 @@ class PromptConfig(_Section):
 
 
 class PruningConfig(_Section):
-    method: Literal["none", "vispruner", "fastv", "random", "pool", "ttp"] = "none"
-    budget: int | None = Field(None, ge=1)  # visual tokens kept per image / crop / frame (TTP: R, at layer K)
-    important_ratio: float = Field(0.5, ge=0.0, le=1.0)  # VisPruner: share of the budget for important tokens
-    fastv_layer: int = Field(2, ge=1)  # FastV's K
-    seed: int = 0  # random baseline
-    finalwipe_layer: int | None = Field(None, ge=1)  # TTP's K_f (None: 3/4 of the depth)
+    """Visual-token pruning. Names and rules come from the engine (``operators.registry``,
+    ``operators.settings.EngineConfig``), checked when the whole config is validated."""
 
-    @model_validator(mode="after")
-    def _budget_needed(self) -> PruningConfig:
-        if self.method != "none" and self.budget is None:
-            raise ValueError(f"pruning.budget is required when pruning.method is {self.method!r}")
-        return self
+    method: str = "none"  # a registered method: none, vispruner, fastv, random, pool, ttp, ...
+    budget: int | None = None  # per image / crop / frame, in budget_unit
+    budget_unit: str = "kept"  # kept: R, the tokens the method keeps; layer_mean: R-bar, their mean over LLM layers
+    important_ratio: float = 0.5  # VisPruner: share of the budget for important tokens
+    fastv_layer: int = 2  # FastV's K
+    seed: int = 0  # random baseline
+    finalwipe_layer: int | None = None  # TTP's K_f (None: 3/4 of the depth)
 
 
 class DecodeConfig(_Section):
-    strategy: Literal["greedy", "ssd"] = "greedy"
-    max_new_tokens: int = Field(64, ge=1, le=8192)
+    strategy: str = "greedy"  # greedy (one base step per token) or ssd (TwigVLM self-speculative)
+    max_new_tokens: int = 64
     twig: str | None = None  # trained twig directory or URI (decode.strategy=ssd, pruning.method=ttp)
-    max_draft: int = Field(5, ge=1, le=64)  # SSD: draft tokens per round (delta)
-    draft_threshold: float = Field(0.6, ge=0.0, le=1.0)  # SSD: stop drafting below this probability (theta)
+    max_draft: int = 5  # SSD: draft tokens per round (delta)
+    draft_threshold: float = 0.6  # SSD: stop drafting below this probability (theta)
+    temperature: float = 0.0  # 0: greedy; > 0: sampling (SSD: speculative sampling, same distribution)
+    top_k: int | None = None  # sampling: only the k most likely tokens
+    top_p: float = 1.0  # sampling: nucleus mass
+    seed: int = 0  # sampling: each row's generator is seeded from this and its item id
 
 
 class MediaConfig(_Section):
@@ -132,7 +135,7 @@ class ComputeConfig(_Section):
     batch_size: int = Field(8, ge=1)  # rows handed to an actor per call (and per engine batch at most)
     # Engine batches sized by tokens: the actor sorts a call's rows by pruned prompt length and splits
     # them so rows x (longest prompt + decode.max_new_tokens) <= batch_tokens. None: one engine batch per call.
-    batch_tokens: int | None = Field(None, ge=1)
+    batch_tokens: int | None = None
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 overlaps an actor's input transfer with compute
     torch_threads: int | None = Field(None, ge=1)  # CPU inference threads per actor (default: cpus_per_actor)
 
@@ -156,10 +159,42 @@ class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _twig_needed(self) -> Config:
-        if (self.decode.strategy == "ssd" or self.pruning.method == "ttp") and not self.decode.twig:
-            raise ValueError("decode.twig is required when decode.strategy is 'ssd' or pruning.method is 'ttp'")
+    def _engine_rules(self) -> Config:
+        # The engine's own checks (operators.settings), so a bad method, budget or decoder setting
+        # is found here, on the driver, before any cluster work.
+        engine = self.to_engine_config()
+        if engine.needs_twig and not self.decode.twig:
+            raise ValueError(
+                f"decode.twig is required when decode.strategy is {self.decode.strategy!r} "
+                f"and pruning.method is {self.pruning.method!r} (a trained twig directory or URI)"
+            )
         return self
+
+    def to_engine_config(self) -> EngineConfig:
+        """The engine's settings: the one translation from this config to ``operators``."""
+        pruning, decode = self.pruning, self.decode
+        try:
+            return EngineConfig(
+                pruning.method,
+                budget=pruning.budget,
+                budget_unit=pruning.budget_unit,
+                important_ratio=pruning.important_ratio,
+                fastv_layer=pruning.fastv_layer,
+                seed=pruning.seed,
+                finalwipe_layer=pruning.finalwipe_layer,
+                pad_to_square=self.model.pad_to_square,
+                decode_strategy=decode.strategy,
+                max_new_tokens=decode.max_new_tokens,
+                max_draft=decode.max_draft,
+                draft_threshold=decode.draft_threshold,
+                temperature=decode.temperature,
+                top_k=decode.top_k,
+                top_p=decode.top_p,
+                sampling_seed=decode.seed,
+                batch_tokens=self.compute.batch_tokens,
+            )
+        except SettingError as e:
+            raise ValueError(str(e)) from None
 
     def require_paths(self) -> None:
         """The keys a run cannot do without (YAML may leave them to the command line)."""
@@ -177,16 +212,24 @@ class Config(_Section):
         Input, output, storage, resources and Ray settings are left out: they change where and how
         fast, not what. Batch composition is left out too: batched output equals per-row output.
         """
+        sampling = self.decode.temperature > 0
         relevant = {
             "schema": OUTPUT_SCHEMA_VERSION,
             "task": self.task,
             "model": {"path": self.model.path, "dtype": self.model.dtype, "pad_to_square": self.model.pad_to_square},
             "prompt": self.prompt.model_dump(),
-            "pruning": self.pruning.model_dump(),
-            "decode": self.decode.model_dump(),
+            "pruning": {k: v for k, v in self.pruning.model_dump().items() if NEUTRAL_PRUNING.get(k, object()) != v},
+            "decode": {k: v for k, v in self.decode.model_dump().items() if sampling or k not in SAMPLING_KEYS},
             "media": self.media.model_dump(exclude={"timeout_s", "max_memory_mb", "max_bytes", "video_decoder"}),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Keys added after schema v3 enter the fingerprint only when they change the output, so upgrading does
+# not orphan earlier output: budget_unit when it is not "kept" (the meaning budgets had before), the
+# sampling keys only when sampling (at temperature 0 they change nothing).
+NEUTRAL_PRUNING = {"budget_unit": "kept"}
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -255,6 +298,9 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
             )
         elif "input" in problem and problem["type"] != "value_error":
             message += f" (got {problem['input']!r})"
+        elif not problem["loc"]:  # the engine's rules (Config._engine_rules): the message names its key
+            lines.append(message)
+            continue
         lines.append(f"{key}: {message}")
     return f"invalid config ({source}):\n  " + "\n  ".join(lines)
 

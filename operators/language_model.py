@@ -1,29 +1,17 @@
 """Running a Hugging Face decoder-only language model layer by layer over a KV cache.
 
 We call the model's own decoder layers (Llama, Mistral, Qwen2, ... all share the signature)
-with our cache and masks, so in-LLM pruning (FastV now, twig-guided pruning later) can change
-the token set between layers while each layer stays HF's code.
+with our cache and masks, so in-LLM pruning (FastV, twig-guided pruning) can change the token
+set between layers while each layer stays HF's code. The staged prefill that decides which
+tokens each layer sees is ``operators.prefill``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from operators.kv_cache import CacheGroup, KVCache
-from operators.pruning import top_k_indices
-
-
-@dataclass
-class Prefill:
-    """State after the prompt has been run: what decoding continues from."""
-
-    last_hidden: torch.Tensor  # [B, D] final-norm hidden state of each row's last prompt token
-    cache: KVCache
-    next_position: torch.Tensor  # [B] position id of the first generated token
-    tokens_per_layer: torch.Tensor  # [B, L] valid prompt tokens each layer processed (FLOPs/KV accounting)
 
 
 def text_model(model: nn.Module) -> nn.Module:
@@ -65,23 +53,46 @@ def run_layers(
     ``layer_inputs``, when given, receives the hidden state entering each layer (for scoring).
     ``modules`` maps the group's layer ids to modules outside the base stack (a twig's layers).
     """
-    mask = group.attention_mask(block_valid)
+    layers = [modules[index] if modules is not None else lm.layers[index] for index in group.layers]
+    mask = attention_mask(layers[0], group, block_valid, hidden.dtype)
     position_embeddings = lm.rotary_emb(hidden, positions)
-    for index in group.layers:
+    for index, layer in zip(group.layers, layers, strict=True):
         if layer_inputs is not None:
             layer_inputs[index] = hidden
-        layer = modules[index] if modules is not None else lm.layers[index]
         out = layer(
             hidden,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             position_embeddings=position_embeddings,
         )
         hidden = out[0] if isinstance(out, tuple) else out
     group.advance(block_valid)
     return hidden
+
+
+def attention_mask(
+    layer: nn.Module, group: CacheGroup, block_valid: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The mask ``layer``'s attention implementation needs for a block appended to ``group``.
+
+    SDPA takes a bool mask, or None for "causal" (its fast path); eager attention adds the mask to
+    its scores, so it gets an additive float mask and is never handed None for a multi-token block
+    (it would attend non-causally).
+    """
+    implementation = layer.self_attn.config._attn_implementation
+    if implementation == "sdpa":
+        return group.attention_mask(block_valid)
+    if implementation == "eager":
+        mask = group.attention_mask(block_valid, implicit_causal=False)
+        if mask is None:
+            return None
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(
+        f"attention implementation {implementation!r} is not supported by the engine (it needs arbitrary "
+        "masks over its own KV cache); load the model with attn_implementation='sdpa' or 'eager'"
+    )
 
 
 def last_token_attention(
@@ -119,17 +130,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def fastv_keep_mask(scores: torch.Tensor, prunable: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Keep every non-prunable token plus each row's top ``keep[b]`` prunable tokens by score. -> [B, S] bool."""
-    masked = scores.masked_fill(~prunable, float("-inf"))
-    kept = ~prunable
-    for row in range(scores.shape[0]):
-        k = int(min(keep[row], prunable[row].sum()))
-        if k > 0:
-            kept[row, top_k_indices(masked[row : row + 1], k)[0]] = True
-    return kept
-
-
 def compact_rows(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Gather the kept positions of each row, left-padded to the longest row.
 
@@ -150,49 +150,6 @@ def compact_rows(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tens
         gather_index = index.view(batch, width, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
         out.append(torch.gather(tensor, 1, gather_index))
     return tuple(out)
-
-
-@torch.no_grad()
-def prefill(
-    lm: nn.Module,
-    embeds: torch.Tensor,
-    positions: torch.Tensor,
-    valid: torch.Tensor,
-    max_new_tokens: int,
-    prunable: torch.Tensor | None = None,
-    fastv_layer: int | None = None,
-    fastv_keep: torch.Tensor | None = None,
-) -> Prefill:
-    """Run a left-padded prompt batch. embeds [B, S, D], positions/valid/prunable [B, S].
-
-    With ``fastv_layer`` = K, layers 1..K see every token; the last token's head-mean attention in
-    layer K ranks the prunable (visual) tokens, and layers K+1..L see only non-prunable tokens plus
-    the top ``fastv_keep[b]`` prunable ones, at their original positions.
-    """
-    batch, length, _ = embeds.shape
-    n_layers = len(lm.layers)
-    split = n_layers if fastv_layer is None else fastv_layer
-    if not 1 <= split <= n_layers:
-        raise ValueError(f"fastv layer K must be in 1..{n_layers}, got {fastv_layer}")
-    early = new_group(lm, range(0, split), batch, length + max_new_tokens, embeds)
-    groups = [early]
-    cache = KVCache(groups)
-    tokens_per_layer = valid.sum(dim=1, keepdim=True).repeat(1, n_layers)
-
-    layer_inputs: dict[int, torch.Tensor] = {}
-    hidden = run_layers(lm, embeds, positions, valid, cache, early, layer_inputs)
-    if split < n_layers:
-        scores = last_token_attention(lm, split - 1, layer_inputs[split - 1], positions, early)
-        keep = fastv_keep_mask(scores, prunable & valid, fastv_keep) & valid
-        late_valid, hidden, positions = compact_rows(keep, hidden, positions)
-        late = new_group(lm, range(split, n_layers), batch, late_valid.shape[1] + max_new_tokens, embeds)
-        groups.append(late)
-        cache = KVCache(groups)
-        hidden = run_layers(lm, hidden, positions, late_valid, cache, late)
-        tokens_per_layer[:, split:] = late_valid.sum(dim=1, keepdim=True)
-    last_hidden = lm.norm(hidden[:, -1])
-    next_position = positions[:, -1] + 1
-    return Prefill(last_hidden, cache, next_position, tokens_per_layer)
 
 
 @torch.no_grad()

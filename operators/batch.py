@@ -1,0 +1,79 @@
+"""The prompt batch: what the language model is given, after the vision stage and pre-LLM pruning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from operators.families.base import RowInputs, Stream, placeholder_spans
+from operators.language_model import left_padded_positions
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts with their visual tokens spliced in. B rows, S positions."""
+
+    embeds: torch.Tensor  # [B, S, D] input embeddings
+    positions: torch.Tensor  # [B, S] position ids: 0.. over each row's real tokens, 1 on padding
+    valid: torch.Tensor  # [B, S] bool: False on left padding
+    visual: torch.Tensor  # [B, S] bool: visual tokens (FinalWipe drops all of them)
+    prunable: torch.Tensor  # [B, S] bool: visual tokens an in-LLM method may drop (not newlines, not CLS)
+    media_spans: list[list[tuple[int, int]]]  # per row: [start, end) of each media item's tokens in S
+    segments: list[int]  # per row: budget units (images, crops, frames)
+    visual_total: list[int]  # per row: visual tokens the unpruned model would see
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def text_tokens(self) -> torch.Tensor:
+        """[B] real tokens that are not visual."""
+        return (self.valid & ~self.visual).sum(dim=1)
+
+
+def assemble_batch(
+    rows: list[RowInputs], streams: list[list[Stream]], embed: torch.nn.Module, placeholder_ids: set[int]
+) -> PromptBatch:
+    """Splice each row's visual streams into its text embeddings (``embed``: the LM's token
+    embedding) in place of its placeholder runs, and left-pad the rows into one batch."""
+    device = embed.weight.device
+    sequences, flags, visual_flags, spans, totals, segment_counts = [], [], [], [], [], []
+    for row, row_streams in zip(rows, streams, strict=True):
+        ids = row.input_ids.to(device)
+        runs = placeholder_spans(row.input_ids, placeholder_ids, row.media)
+        text = embed(ids)
+        parts, part_flags, part_visual, row_spans, cursor, total, length = [], [], [], [], 0, 0, 0
+        for (start, end), stream in zip(runs, row_streams, strict=True):
+            parts += [text[cursor:start], stream.embeds.to(text.dtype)]
+            part_flags += [torch.zeros(start - cursor, dtype=torch.bool), stream.prunable.cpu()]
+            count = len(stream.prunable)
+            part_visual += [torch.zeros(start - cursor, dtype=torch.bool), torch.ones(count, dtype=torch.bool)]
+            length += start - cursor
+            row_spans.append((length, length + count))
+            length += count
+            total += end - start
+            cursor = end
+        parts.append(text[cursor:])
+        part_flags.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
+        part_visual.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
+        sequences.append(torch.cat(parts))
+        flags.append(torch.cat(part_flags))
+        visual_flags.append(torch.cat(part_visual))
+        spans.append(row_spans)
+        totals.append(total)
+        segment_counts.append(sum(m.pixel_values.shape[0] for m in row.media))
+    width = max(len(s) for s in sequences)
+    batch, dim = len(sequences), sequences[0].shape[-1]
+    embeds = sequences[0].new_zeros(batch, width, dim)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    prunable = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    visual = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    for b, seq in enumerate(sequences):
+        pad = width - len(seq)
+        embeds[b, pad:] = seq
+        valid[b, pad:] = True
+        prunable[b, pad:] = flags[b].to(device)
+        visual[b, pad:] = visual_flags[b].to(device)
+        spans[b] = [(start + pad, end + pad) for start, end in spans[b]]
+    return PromptBatch(embeds, left_padded_positions(valid), valid, visual, prunable, spans, segment_counts, totals)

@@ -1,0 +1,61 @@
+"""What a decoder is, and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from operators.batch import PromptBatch
+from operators.decoding.sampling import Sampler
+from operators.prefill import InLLMPruning, LayerPlan, PrefillState
+from operators.settings import EngineConfig
+
+
+@dataclass
+class DraftStats:
+    drafted: torch.Tensor  # [B] draft tokens proposed
+    accepted: torch.Tensor  # [B] draft tokens the base accepted
+    rounds: torch.Tensor  # [B] verification rounds each row took part in
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [B, T] generated ids; after a row's EOS, the pad id
+    lengths: torch.Tensor  # [B] generated tokens per row, EOS included
+    prefill_state: PrefillState
+    prefill_s: float
+    decode_s: float
+    stats: DraftStats | None = None  # speculative decoders only
+
+
+class Decoder:
+    """Built once per engine. ``generate`` runs the staged prefill (``operators.prefill``) and then
+    produces up to ``max_new_tokens`` per row, stopping a row at any of ``eos_token_ids``."""
+
+    name = ""
+    uses_twig = False  # the twig must run in the prefill (its cache is drafted from)
+
+    def __init__(self, config: EngineConfig, eos_token_ids: list[int], pad_token_id: int):
+        self.config = config
+        self.max_new_tokens = config.max_new_tokens
+        self.eos_token_ids = list(eos_token_ids)
+        self.pad_token_id = pad_token_id
+
+    def generate(
+        self,
+        model: nn.Module,
+        batch: PromptBatch,
+        plan: LayerPlan,
+        twig: nn.Module | None = None,
+        pruning: InLLMPruning | None = None,
+        sampler: Sampler | None = None,
+    ) -> Generation:
+        raise NotImplementedError
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device, so wall-clock stage times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

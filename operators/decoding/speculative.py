@@ -1,0 +1,211 @@
+"""TwigVLM's self-speculative decoding (SSD) on the engine's KV cache.
+
+The shallow base layers [0, K) plus the twig draft greedily (or, sampling, from the twig's
+distribution), up to ``max_draft`` tokens per row, stopping a row early at a draft whose own
+probability is below ``draft_threshold`` (that token is kept) or at EOS. One forward of the base's
+layers from K on then verifies every row's drafts. Each row accepts its own longest matching prefix
+plus the base's next token (sampling: the min(1, p/q) rule with residual resampling). Rejected
+drafts become holes in every cache (per-row validity) and trailing holes are trimmed, so rows never
+wait on each other's bookkeeping, and the output is the base's own: token for token greedy, or
+distributed as the base's samples.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from operators.batch import PromptBatch
+from operators.decoding.base import Decoder, DraftStats, Generation, sync
+from operators.decoding.sampling import Sampler
+from operators.kv_cache import CacheGroup, KVCache
+from operators.language_model import run_layers, text_model
+from operators.prefill import InLLMPruning, LayerPlan, PrefillState, prefill
+
+
+def rejection_sample(
+    drafts: torch.Tensor, n: torch.Tensor, q: torch.Tensor, p: torch.Tensor, sampler: Sampler
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling's accept/reject rule (Leviathan et al.; Chen et al.), per row.
+
+    drafts [B, W-1] tokens drawn from q [B, W-1, V]; n [B] drafts per row; p [B, W, V] the base's
+    distributions after each input. Draft j is accepted with probability min(1, p_j(d)/q_j(d));
+    at the first rejection the next token is drawn from normalise(max(0, p_j - q_j)), and when
+    every draft is accepted from p_n. The tokens that come out are distributed exactly as
+    sampling the base alone. Returns (accepted [B], next token [B]).
+    """
+    batch, width = p.shape[:2]
+    steps = torch.arange(width - 1, device=p.device)
+    p_draft = p[:, : width - 1].gather(2, drafts[..., None])[..., 0]  # [B, W-1]
+    q_draft = q.gather(2, drafts[..., None])[..., 0].clamp_min(1e-20)
+    u = sampler.uniform(n, width - 1)
+    ok = (u < (p_draft / q_draft).clamp(max=1.0)) & (steps[None] < n[:, None])
+    accepted = ok.long().cumprod(dim=1).sum(dim=1) if width > 1 else torch.zeros_like(n)
+    rows = torch.arange(batch, device=p.device)
+    target = p[rows, accepted]  # [B, V]
+    rejected = accepted < n
+    if width > 1:
+        residual = (target - q[rows, accepted.clamp(max=width - 2)]).clamp_min(0.0)
+        mass = residual.sum(dim=1, keepdim=True)
+        # A zero residual happens only when p == q there, where rejection has probability 0.
+        residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)
+        target = torch.where(rejected[:, None], residual, target)
+    return accepted, sampler.categorical(target)
+
+
+class _Output:
+    """Generated tokens per row with EOS and max_new_tokens handling."""
+
+    def __init__(self, batch: int, max_new_tokens: int, eos: list[int], pad: int, device):
+        self.tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.max_new_tokens, self.eos = max_new_tokens, set(eos)
+
+    def emit(self, row: int, token: int) -> None:
+        if self.done[row]:
+            return
+        self.tokens[row, self.lengths[row]] = token
+        self.lengths[row] += 1
+        if token in self.eos or int(self.lengths[row]) >= self.max_new_tokens:
+            self.done[row] = True
+
+
+@dataclass
+class _Draft:
+    """One round's drafting: the tokens, and the layer-K hidden states the base will verify."""
+
+    tokens: torch.Tensor  # [B, max_draft] drafts (pad beyond n)
+    n: torch.Tensor  # [B] drafts per row
+    hidden: torch.Tensor  # [B, W, D] layer-K states of inputs pending, d_1, ..., d_{W-1}
+    valid: torch.Tensor  # [B, W] which of those inputs each row fed
+    probs: list[torch.Tensor]  # sampling: the twig's distribution [B, V] at each draft step
+
+
+class SelfSpeculative(Decoder):
+    name = "ssd"
+    uses_twig = True
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: nn.Module,
+        batch: PromptBatch,
+        plan: LayerPlan,
+        twig: nn.Module | None = None,
+        pruning: InLLMPruning | None = None,
+        sampler: Sampler | None = None,
+    ) -> Generation:
+        if twig is None or plan.twig_layer != twig.K:
+            raise ValueError("self-speculative decoding needs a twig and a layer plan that runs it at its K")
+        sampler = sampler or Sampler()
+        lm = text_model(model)
+        device, size = batch.embeds.device, len(batch)
+        t0 = time.perf_counter()
+        # Worst case a round writes max_draft + 1 slots and keeps one: size the caches for it.
+        capacity = (self.max_new_tokens + 1) * (self.config.max_draft + 1)
+        state = prefill(model, batch, plan, capacity, twig, pruning)
+        sync(device)
+        t1 = time.perf_counter()
+        out = _Output(size, self.max_new_tokens, self.eos_token_ids, self.pad_token_id, device)
+        stats = DraftStats(*(torch.zeros(size, dtype=torch.long, device=device) for _ in range(3)))
+        pending = sampler.pick(model.lm_head(state.last_hidden).float())  # [B] the base's own first token
+        for row in range(size):
+            out.emit(row, int(pending[row]))
+        position = state.next_position.clone()  # [B] position of `pending`
+        groups: list[CacheGroup] = [*state.base.groups, *state.twig.groups]
+        steps = torch.arange(self.config.max_draft + 1, device=device)
+
+        while not bool(out.done.all()):
+            active = ~out.done
+            starts = {id(g): g.length for g in groups}
+            draft = self._draft(lm, twig, state, pending, position, active, out, sampler)
+            width = draft.hidden.shape[1]
+            block_pos = position[:, None] + steps[None, :width]
+            verify = self._verify(model, lm, state, draft.hidden, block_pos, draft.valid)  # [B, W, V]
+            accepted, bonus = self._accept(draft, verify, steps, sampler)
+            rejected = draft.valid & (steps[None, :width] > accepted[:, None])  # inputs after the accepted drafts
+            for group in groups:
+                group.drop(rejected, starts[id(group)])
+                group.trim()
+            for row in active.nonzero().flatten().tolist():
+                for j in range(int(accepted[row])):
+                    out.emit(row, int(draft.tokens[row, j]))
+                out.emit(row, int(bonus[row]))
+            stats.drafted += torch.where(active, draft.n, 0)
+            stats.accepted += torch.where(active, accepted, 0)
+            stats.rounds += active.long()
+            pending = bonus
+            position = position + accepted + 1
+        sync(device)
+        width = int(out.lengths.max())
+        return Generation(out.tokens[:, :width], out.lengths, state, t1 - t0, time.perf_counter() - t1, stats)
+
+    def _draft(self, lm, twig, state: PrefillState, pending, position, active, out: _Output, sampler) -> _Draft:
+        """Inputs pending, d_1, ..., d_n through the shallow layers and the twig; the last input runs
+        only so the base can verify d_n and the twig's cache holds every accepted token."""
+        max_draft, size, device = self.config.max_draft, pending.shape[0], pending.device
+        eos = torch.tensor(self.eos_token_ids, device=device)
+        cap = (self.max_new_tokens - out.lengths - 1).clamp(min=0, max=max_draft)  # drafts that can still be emitted
+        tokens = torch.full((size, max_draft), self.pad_token_id, dtype=torch.long, device=device)
+        n = torch.zeros(size, dtype=torch.long, device=device)
+        drafting = active & (cap > 0)
+        token, hidden_steps, valid_steps, draft_probs = pending, [], [], []
+        for j in range(max_draft + 1):
+            running = active & (n >= j)  # row b feeds input j while j <= n_b
+            if j > 0 and not bool(running.any()):
+                break
+            step_valid = running[:, None]
+            step_pos = (position + j)[:, None]
+            embeds = lm.embed_tokens(token)[:, None]  # [B, 1, D]
+            hidden_k = _run_groups(lm, embeds, step_pos, step_valid, state.base, state.shallow)
+            twig_group = state.twig.groups[0]
+            hidden = run_layers(lm, hidden_k, step_pos, step_valid, state.twig, twig_group, None, twig.modules_by_id)
+            logits = twig.head(twig.norm(hidden)).float()[:, -1]  # [B, V]
+            hidden_steps.append(hidden_k)
+            valid_steps.append(step_valid)
+            if j == max_draft:
+                break
+            make = drafting & running & (n < cap)
+            if sampler.greedy:
+                probs = logits.softmax(dim=-1)
+                candidate = probs.argmax(dim=-1)
+            else:
+                probs = sampler.probs(logits)
+                candidate = sampler.categorical(probs, rows=make)
+            draft_probs.append(probs)
+            tokens[:, j] = torch.where(make, candidate, tokens[:, j])
+            n += make.long()
+            low = probs.gather(1, candidate[:, None])[:, 0] < self.config.draft_threshold
+            drafting &= make & ~low & ~torch.isin(candidate, eos)
+            token = torch.where(make, candidate, token)
+        return _Draft(tokens, n, torch.cat(hidden_steps, dim=1), torch.cat(valid_steps, dim=1), draft_probs)
+
+    @staticmethod
+    def _verify(model, lm, state: PrefillState, hidden_k, positions, block_valid) -> torch.Tensor:
+        """The base's logits [B, W, V] (float32) from layer-K hidden states, through the deep groups."""
+        hidden = _run_groups(lm, hidden_k, positions, block_valid, state.base, state.deep)
+        return model.lm_head(lm.norm(hidden)).float()
+
+    @staticmethod
+    def _accept(draft: _Draft, verify: torch.Tensor, steps: torch.Tensor, sampler: Sampler):
+        """(accepted drafts [B], the base's next token [B])."""
+        width = verify.shape[1]
+        if not sampler.greedy:
+            q = torch.stack(draft.probs[: width - 1], dim=1) if width > 1 else verify[:, :0]
+            return rejection_sample(draft.tokens[:, : width - 1], draft.n, q, sampler.probs(verify), sampler)
+        # Accept each row's longest prefix of drafts the base agrees with, plus its next token.
+        target = verify.argmax(dim=-1)  # [B, W]
+        drafted = steps[None, : width - 1] < draft.n[:, None]
+        matches = (draft.tokens[:, : width - 1] == target[:, : width - 1]) & drafted
+        accepted = matches.long().cumprod(dim=1).sum(dim=1) if width > 1 else torch.zeros_like(draft.n)
+        return accepted, target.gather(1, accepted[:, None])[:, 0]
+
+
+def _run_groups(lm, hidden, positions, block_valid, cache: KVCache, groups: list[CacheGroup]) -> torch.Tensor:
+    for group in groups:
+        hidden = run_layers(lm, hidden, positions, block_valid, cache, group)
+    return hidden

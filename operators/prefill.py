@@ -1,0 +1,137 @@
+"""The staged prefill: a prompt batch through the language model, with the token set changing at
+given layers, and the twig grown on layer K when a method or a decoder needs it.
+
+Layers run in groups between breakpoints (0-indexed base layers, L of them)::
+
+    [0, K)          every token                            (K = where an in-LLM method prunes)
+    twig            at its K: the twig's layers, its own cache, over the tokens layer K saw
+    [K, K_end)      text + each row's top keep[b] visual tokens by the method's scores
+    [K_end, L)      text only (TwigVLM's FinalWipe; K_end = L: none)
+
+Without in-LLM pruning there is one group (or two, split at the twig's K). Each group caches its
+own token set (``operators.kv_cache``), so decoding continues over exactly what prefill kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from operators.batch import PromptBatch
+from operators.kv_cache import CacheGroup, KVCache
+from operators.language_model import compact_rows, new_group, run_layers, text_model
+from operators.pruning.base import ScoreContext, keep_top
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Where the token set changes; every layer index counts base layers run before it."""
+
+    n_layers: int  # L
+    prune_layer: int | None = None  # K: layers [0, K) see every token, [K, ...) the kept ones
+    wipe_layer: int | None = None  # K_end < L: layers [K_end, L) see text only
+    twig_layer: int | None = None  # the twig runs on the hidden state after this many layers
+
+    def breakpoints(self) -> list[int]:
+        """Group boundaries strictly inside (0, L), ascending."""
+        marks = {self.prune_layer, self.wipe_layer, self.twig_layer} - {None}
+        return sorted(k for k in marks if 0 < k < self.n_layers)
+
+
+@dataclass
+class InLLMPruning:
+    """What the prefill needs to prune at ``plan.prune_layer``."""
+
+    scores: Callable[[ScoreContext], torch.Tensor]  # -> [B, S] importance at layer K
+    keep: torch.Tensor  # [B] visual tokens each row keeps
+
+
+@dataclass
+class PrefillState:
+    """Everything decoding continues from."""
+
+    base: KVCache  # the base's layer groups, in layer order
+    twig: KVCache | None  # the twig's own cache (one group), when it ran
+    shallow_groups: int  # base groups before the twig's layer (SSD drafts through these)
+    last_hidden: torch.Tensor  # [B, D] final-norm hidden state of each row's last prompt token
+    next_position: torch.Tensor  # [B] position id of the first generated token
+    tokens_per_layer: torch.Tensor  # [B, L] valid prompt tokens each base layer processed
+    twig_tokens: torch.Tensor | None  # [B] valid prompt tokens each twig layer processed
+    visual_kept: torch.Tensor  # [B] visual tokens the layers after K see (all of them without pruning)
+
+    @property
+    def shallow(self) -> list[CacheGroup]:
+        """Base groups before the twig's layer K: the twig drafts from their output."""
+        return self.base.groups[: self.shallow_groups]
+
+    @property
+    def deep(self) -> list[CacheGroup]:
+        """Base groups from the twig's layer K on: they verify the drafts."""
+        return self.base.groups[self.shallow_groups :]
+
+
+@torch.no_grad()
+def prefill(
+    model: nn.Module,
+    batch: PromptBatch,
+    plan: LayerPlan,
+    capacity: int,
+    twig: nn.Module | None = None,
+    pruning: InLLMPruning | None = None,
+) -> PrefillState:
+    """Run the prompt batch through ``plan``'s layer groups; each cache may then grow by ``capacity``."""
+    lm = text_model(model)
+    n_layers = len(lm.layers)
+    if plan.n_layers != n_layers:
+        raise ValueError(f"layer plan for {plan.n_layers} layers, model has {n_layers}")
+    if plan.twig_layer is not None and twig is None:
+        raise ValueError("the layer plan runs a twig but none was given")
+    batch_size = len(batch)
+    hidden, positions, valid = batch.embeds, batch.positions, batch.valid
+    visual, prunable = batch.visual & valid, batch.prunable & valid
+    tokens_per_layer = valid.sum(dim=1, keepdim=True).repeat(1, n_layers)
+    groups: list[CacheGroup] = []
+    twig_cache, twig_tokens, shallow = None, None, 0
+    visual_kept = visual.sum(dim=1)
+    start = 0
+    for end in [*plan.breakpoints(), n_layers]:
+        group = new_group(lm, range(start, end), batch_size, valid.shape[1] + capacity, batch.embeds)
+        groups.append(group)
+        inputs: dict[int, torch.Tensor] = {}
+        record = inputs if end == plan.prune_layer else None  # only the scores at K need layer inputs
+        hidden = run_layers(lm, hidden, positions, valid, KVCache(groups), group, record)
+        tokens_per_layer[:, start:end] = valid.sum(dim=1, keepdim=True)
+        context = ScoreContext(lm, positions, inputs, group)
+        if end == plan.twig_layer:
+            shallow = len(groups)
+            twig_group = new_group(lm, list(twig.layer_ids), batch_size, valid.shape[1] + capacity, batch.embeds)
+            twig_cache = KVCache([twig_group])
+            context.twig, context.twig_inputs, context.twig_group = twig, {}, twig_group
+            run_layers(lm, hidden, positions, valid, twig_cache, twig_group, context.twig_inputs, twig.modules_by_id)
+            twig_tokens = valid.sum(dim=1)
+        if end == plan.prune_layer and end < n_layers and pruning is not None:
+            kept = keep_top(pruning.scores(context), prunable, pruning.keep) & valid
+            valid, hidden, positions, visual, prunable = _compact(kept, hidden, positions, visual, prunable)
+            visual_kept = visual.sum(dim=1)
+        if end == plan.wipe_layer and end < n_layers:
+            valid, hidden, positions, visual, prunable = _compact(valid & ~visual, hidden, positions, visual, prunable)
+        start = end
+    return PrefillState(
+        base=KVCache(groups),
+        twig=twig_cache,
+        shallow_groups=shallow,
+        last_hidden=lm.norm(hidden[:, -1]),
+        next_position=positions[:, -1] + 1,
+        tokens_per_layer=tokens_per_layer,
+        twig_tokens=twig_tokens,
+        visual_kept=visual_kept,
+    )
+
+
+def _compact(keep: torch.Tensor, hidden, positions, visual, prunable) -> tuple[torch.Tensor, ...]:
+    """Each row's kept tokens, left-padded to the longest row (``operators.language_model.compact_rows``)."""
+    valid, hidden, positions, visual, prunable = compact_rows(keep, hidden, positions, visual, prunable)
+    return valid, hidden, positions, visual & valid, prunable & valid
