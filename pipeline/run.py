@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from pipeline import sink, storage
+from pipeline import output, storage
 from pipeline.config import Config, ConfigError
 from pipeline.sources import load_work_rows
 
@@ -113,7 +113,7 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
     """Ray Data UDF (tasks): write the batch as one part, return one summary row."""
     options = storage.fsspec_options(output_uri, **storage_config)
     start = time.perf_counter()
-    part = sink.write_part(batch, output_uri, options)
+    part = output.write_part(batch, output_uri, options)
     write_ms = 1000.0 * (time.perf_counter() - start)
     rows = batch.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
@@ -219,7 +219,7 @@ def run(config: Config, log=print) -> Summary:
     fingerprint = config.fingerprint()
     out_options = options_for(config.output.uri, config)
     work = load_work_rows(config, options_for(config.input.uri, config))
-    done = sink.completed_items(config.output.uri, fingerprint, out_options)
+    done = output.completed_items(config.output.uri, fingerprint, out_options)
     # Grouped by media type, so engine batches hold prompts of similar length (images apart from videos).
     todo = sorted((row for row in work if row["item_id"] not in done), key=lambda row: row["media_type"] or "")
     summary = Summary(run_id, config.output.uri, fingerprint, len(work), len(work) - len(todo))
@@ -277,7 +277,7 @@ def finish(summary: Summary, work: list[dict], options: dict) -> None:
     if summary.seconds > 0:
         summary.items_per_second = summary.items_processed / summary.seconds
         summary.generated_tokens_per_second = summary.generated_tokens / summary.seconds
-    keys = sink.read_keys(summary.output, options)
+    keys = output.read_keys(summary.output, options)
     ids = [
         i
         for i, f in zip(keys.column("item_id").to_pylist(), keys.column("config_fingerprint").to_pylist(), strict=True)

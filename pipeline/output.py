@@ -1,4 +1,4 @@
-"""Sink: the output Parquet layout, its schema, atomic part files and the resume index.
+"""Output layout: the Parquet part files, their schema, atomic part writes and the resume index.
 
 Layout under ``output.uri``::
 
