@@ -23,24 +23,7 @@ import pyarrow as pa
 from pipeline import output, storage
 from pipeline.config import Config, ConfigError
 from pipeline.sources import load_work_rows
-
-PART_SUMMARY = pa.schema(
-    [
-        ("part", pa.string()),
-        ("item_ids", pa.list_(pa.string())),
-        ("rows", pa.int64()),
-        ("ok", pa.int64()),
-        ("error_kinds", pa.string()),  # JSON {kind: count}
-        ("generated_tokens", pa.int64()),
-        ("visual_tokens_kept", pa.int64()),
-        ("visual_tokens_total", pa.int64()),
-        ("latency_ms", pa.float64()),
-        ("prefill_ms", pa.float64()),
-        ("generate_ms", pa.float64()),
-        ("decode_ms", pa.float64()),
-        ("write_ms", pa.float64()),
-    ]
-)
+from pipeline.write import write_batch
 
 
 @dataclass
@@ -107,33 +90,6 @@ def preflight(config: Config) -> None:
         storage.check_access(model, options_for(model, config))
     elif not os.path.exists(os.path.join(model.removeprefix("file://"), "config.json")):
         raise ConfigError(f"model.path: {model} is not a checkpoint directory (no config.json)")
-
-
-def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Table:
-    """Ray Data UDF (tasks): write the batch as one part, return one summary row."""
-    options = storage.fsspec_options(output_uri, **storage_config)
-    start = time.perf_counter()
-    part = output.write_part(batch, output_uri, options)
-    write_ms = 1000.0 * (time.perf_counter() - start)
-    rows = batch.to_pylist()
-    ok = [r for r in rows if r["status"] == "ok"]
-    kinds = Counter(r["error_kind"] for r in rows if r["status"] != "ok")
-    summary = {
-        "part": part,
-        "item_ids": [r["item_id"] for r in rows],
-        "rows": len(rows),
-        "ok": len(ok),
-        "error_kinds": json.dumps(dict(kinds)),
-        "generated_tokens": sum(r["generated_tokens"] or 0 for r in ok),
-        "visual_tokens_kept": sum(r["visual_tokens_kept"] or 0 for r in ok),
-        "visual_tokens_total": sum(r["visual_tokens_total"] or 0 for r in ok),
-        "latency_ms": sum(r["latency_ms"] or 0.0 for r in ok),
-        "prefill_ms": sum(r["prefill_ms"] or 0.0 for r in ok),
-        "generate_ms": sum(r["generate_ms"] or 0.0 for r in ok),
-        "decode_ms": sum(r["decode_ms"] or 0.0 for r in rows),
-        "write_ms": write_ms,
-    }
-    return pa.Table.from_pylist([summary], schema=PART_SUMMARY)
 
 
 def init_ray(config: Config) -> None:
