@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# Bumped when the Parquet schema or the meaning of a column changes; part of the fingerprint.
-OUTPUT_SCHEMA_VERSION = 3
+from pipeline.schema import OUTPUT_SCHEMA_VERSION
+
 PRUNING_METHODS = ("none", "vispruner", "fastv", "random", "pool", "ttp")  # operators.pruning.METHODS (tested equal)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "3gp")

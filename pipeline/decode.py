@@ -16,24 +16,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import MediaConfig
 from pipeline.media import DecodeWorker, MediaError, MediaOptions
-
-# Columns added to the work rows (pipeline.sources.work_row).
-DECODED_FIELDS = [
-    ("frames", pa.large_binary()),  # uint8 RGB frames, C order, shape in frame_shape
-    ("frame_shape", pa.list_(pa.int32())),  # [T, H, W, 3]
-    ("error_kind", pa.string()),
-    ("error", pa.string()),
-    ("decode_ms", pa.float64()),
-]
-WORK_FIELDS = [
-    ("item_id", pa.string()),
-    ("uri", pa.string()),
-    ("media_type", pa.string()),
-    ("question", pa.string()),
-    ("answer", pa.string()),
-    ("question_type", pa.string()),
-]
-DECODED_SCHEMA = pa.schema(WORK_FIELDS + DECODED_FIELDS)
+from pipeline.schema import DECODED_SCHEMA, WORK_FIELDS
 
 _workers: dict[MediaOptions, DecodeWorker] = {}  # per Ray worker process: the child decoder survives batches
 

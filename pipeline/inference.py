@@ -1,4 +1,4 @@
-"""Inference stage (GPU actor pool): decoded rows in, output rows (output.SCHEMA) out.
+"""Inference stage (GPU actor pool): decoded rows in, output rows (schema.SCHEMA) out.
 
 A callable class: the constructor loads the model once per actor (from a local directory or an
 object-store URI, cached on the node), ``__call__`` runs the engine on a batch. Rows that failed
@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.config import Config
 from pipeline.decode import frames_of
-from pipeline.output import SCHEMA
+from pipeline.schema import SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipeline import output, storage
 from pipeline.config import Config, ConfigError
+from pipeline.schema import WORK_FIELDS
 from pipeline.sources import load_work_rows
 from pipeline.write import write_batch
 
@@ -124,7 +125,7 @@ def build_plan(work: list[dict], config: Config, run_id: str):
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from pipeline.decode import WORK_FIELDS, decode_batch
+    from pipeline.decode import decode_batch
     from pipeline.inference import InferenceStage
 
     compute = config.compute

@@ -1,6 +1,6 @@
 """Write stage (CPU Ray tasks): each batch of output rows becomes one atomic Parquet part.
 
-Returns one summary row per part (PART_SUMMARY); the driver streams these back and adds them up,
+Returns one summary row per part (schema.PART_SUMMARY); the driver streams these back and adds them up,
 so no output row ever travels to the driver.
 """
 
@@ -13,24 +13,7 @@ from collections import Counter
 import pyarrow as pa
 
 from pipeline import output, storage
-
-PART_SUMMARY = pa.schema(
-    [
-        ("part", pa.string()),
-        ("item_ids", pa.list_(pa.string())),
-        ("rows", pa.int64()),
-        ("ok", pa.int64()),
-        ("error_kinds", pa.string()),  # JSON {kind: count}
-        ("generated_tokens", pa.int64()),
-        ("visual_tokens_kept", pa.int64()),
-        ("visual_tokens_total", pa.int64()),
-        ("latency_ms", pa.float64()),
-        ("prefill_ms", pa.float64()),
-        ("generate_ms", pa.float64()),
-        ("decode_ms", pa.float64()),
-        ("write_ms", pa.float64()),
-    ]
-)
+from pipeline.schema import PART_SUMMARY
 
 
 def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Table:

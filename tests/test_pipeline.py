@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.output import SCHEMA, part_files, read_output
+from pipeline.output import part_files, read_output
 from pipeline.run import run
+from pipeline.schema import SCHEMA
 from synthetic.corpus import write_corpus
 from tests.broken_media import write_broken_media
 
