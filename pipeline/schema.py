@@ -5,6 +5,8 @@
 * ``WORK_FIELDS``: the work rows the driver builds from the input (pipeline.sources.work_row);
   ``DECODED_SCHEMA``: those rows after the decode stage, with ``DECODED_FIELDS`` added.
 * ``PART_SUMMARY``: the one row per written part that the write stage returns to the driver.
+
+Rows are built with ``build_row``: every field of the schema given, nothing else.
 """
 
 from __future__ import annotations
@@ -90,3 +92,24 @@ PART_SUMMARY = pa.schema(
         ("write_ms", pa.float64()),
     ]
 )
+
+
+def build_row(schema: pa.Schema, values: dict, what: str = "row") -> dict:
+    """A row of ``schema`` (a dict in its field order) from ``values``, which must give every field.
+
+    A null is given as None: a field left out is a mistake, not a null. Raises ``ValueError`` naming
+    the fields missing from ``values`` and the keys of ``values`` that ``schema`` does not have,
+    e.g. "output row is missing fields: text, status".
+    """
+    names = schema.names
+    missing = [name for name in names if name not in values]
+    known = set(names)
+    unknown = [key for key in values if key not in known]
+    problems = []
+    if missing:
+        problems.append(f"is missing fields: {', '.join(missing)}")
+    if unknown:
+        problems.append(f"has fields not in its schema: {', '.join(map(str, unknown))}")
+    if problems:
+        raise ValueError(f"{what} {'; and '.join(problems)}")
+    return {name: values[name] for name in names}

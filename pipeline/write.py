@@ -13,7 +13,7 @@ from collections import Counter
 import pyarrow as pa
 
 from pipeline import output, storage
-from pipeline.schema import PART_SUMMARY
+from pipeline.schema import PART_SUMMARY, build_row
 
 
 def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Table:
@@ -40,4 +40,4 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
         "decode_ms": sum(r["decode_ms"] or 0.0 for r in rows),
         "write_ms": write_ms,
     }
-    return pa.Table.from_pylist([summary], schema=PART_SUMMARY)
+    return pa.Table.from_pylist([build_row(PART_SUMMARY, summary, "part summary")], schema=PART_SUMMARY)
