@@ -294,7 +294,7 @@ def test_decord_is_the_fallback_when_pyav_itself_fails(ramp, monkeypatch):
     def broken(*args, **kwargs):
         raise IndexError("tuple index out of range")  # the kind of PyAV bug #692 describes
 
-    monkeypatch.setattr(media, "_pyav_frames", broken)
+    monkeypatch.setattr(media.worker, "_pyav_frames", broken)
     fallback = decode(data, "ramp.mp4")
     assert fallback.info["frame_indices"] == expected.info["frame_indices"]
     np.testing.assert_array_equal(fallback.frames, expected.frames)
