@@ -95,13 +95,13 @@ def measure(setup: Setup, config: Config, log) -> dict:
     import pyarrow.compute as pc
 
     from operators.accounting import generated_token_flops
-    from pipeline import sink
+    from pipeline import output
     from pipeline.run import options_for, run
 
     started = time.time()
     with PeakMemory() as memory:
         summary = run(config, log=lambda line: log(f"    {line}"))
-    table = sink.read_output(config.output.uri, options_for(config.output.uri, config))
+    table = output.read_output(config.output.uri, options_for(config.output.uri, config))
     table = table.filter(pc.equal(table["config_fingerprint"], config.fingerprint()))
     rows = table.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]

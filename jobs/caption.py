@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def show_rows(config: Config, count: int) -> None:
     """A few rows of this config's output, and how to query all of it."""
-    from pipeline import sink
+    from pipeline import output
     from pipeline.run import options_for
 
     rows = [
         r
-        for r in sink.read_output(config.output.uri, options_for(config.output.uri, config)).to_pylist()
+        for r in output.read_output(config.output.uri, options_for(config.output.uri, config)).to_pylist()
         if r["config_fingerprint"] == config.fingerprint()
     ]
     rows.sort(key=lambda r: (r["status"] != "ok", r["item_id"]))

@@ -25,10 +25,10 @@ from pipeline.scoring import accuracy_by_type, is_correct, relative_accuracy  # 
 
 
 def rows_for(output: str, fingerprint: str, config: Config) -> list[dict]:
-    from pipeline import sink
+    from pipeline.output import read_output
     from pipeline.run import options_for
 
-    table = sink.read_output(output, options_for(output, config))
+    table = read_output(output, options_for(output, config))
     return [r for r in table.to_pylist() if r["config_fingerprint"] == fingerprint]
 
 

@@ -15,9 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from operators.settings import EngineConfig, SettingError
+from pipeline.schema import OUTPUT_SCHEMA_VERSION
 
-# Bumped when the Parquet schema or the meaning of a column changes; part of the fingerprint.
-OUTPUT_SCHEMA_VERSION = 3
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "3gp")
 

@@ -16,24 +16,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import MediaConfig
 from pipeline.media import DecodeWorker, MediaError, MediaOptions
-
-# Columns added to the work rows (pipeline.sources.work_row).
-DECODED_FIELDS = [
-    ("frames", pa.large_binary()),  # uint8 RGB frames, C order, shape in frame_shape
-    ("frame_shape", pa.list_(pa.int32())),  # [T, H, W, 3]
-    ("error_kind", pa.string()),
-    ("error", pa.string()),
-    ("decode_ms", pa.float64()),
-]
-WORK_FIELDS = [
-    ("item_id", pa.string()),
-    ("uri", pa.string()),
-    ("media_type", pa.string()),
-    ("question", pa.string()),
-    ("answer", pa.string()),
-    ("question_type", pa.string()),
-]
-DECODED_SCHEMA = pa.schema(WORK_FIELDS + DECODED_FIELDS)
+from pipeline.schema import DECODED_SCHEMA, WORK_FIELDS, build_row
 
 _workers: dict[MediaOptions, DecodeWorker] = {}  # per Ray worker process: the child decoder survives batches
 
@@ -83,7 +66,7 @@ def decode_row(row: dict, worker: DecodeWorker, options: MediaOptions, storage_c
             out["frames"] = frames.tobytes()
             out["frame_shape"] = list(frames.shape)
     out["decode_ms"] = 1000.0 * (time.perf_counter() - start)
-    return out
+    return build_row(DECODED_SCHEMA, out, "decoded row")
 
 
 def decode_batch(batch: pa.Table, media: dict, storage_config: dict | None = None) -> pa.Table:
@@ -99,7 +82,8 @@ def decode_batch(batch: pa.Table, media: dict, storage_config: dict | None = Non
             cached = done[row["uri"]] = decode_row(row, worker, options, storage_config)
             out.append(cached)
         else:
-            out.append({**cached, **{k: row[k] for k, _ in WORK_FIELDS if k != "media_type"}, "decode_ms": 0.0})
+            same = {k: row[k] for k, _ in WORK_FIELDS if k != "media_type"}
+            out.append(build_row(DECODED_SCHEMA, {**cached, **same, "decode_ms": 0.0}, "decoded row"))
     assert len(out) == len(rows)
     return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 

@@ -1,4 +1,4 @@
-"""Inference stage (GPU actor pool): decoded rows in, output rows (sink.SCHEMA) out.
+"""Inference stage (GPU actor pool): decoded rows in, output rows (schema.SCHEMA) out.
 
 A callable class: the constructor loads the model once per actor (from a local directory or an
 object-store URI, cached on the node), ``__call__`` runs the engine on a batch. Rows that failed
@@ -16,9 +16,26 @@ from PIL import Image
 
 from pipeline.config import Config
 from pipeline.decode import frames_of
-from pipeline.sink import SCHEMA
+from pipeline.schema import SCHEMA, build_row
 
 log = logging.getLogger(__name__)
+
+# The output columns the engine's result fills (in ok_row); null on a row in error.
+RESULT_COLUMNS = (
+    "text",
+    "visual_tokens_total",
+    "visual_tokens_kept",
+    "visual_tokens_layer_mean",
+    "generated_tokens",
+    "drafted_tokens",
+    "accepted_tokens",
+    "draft_rounds",
+    "prefill_flops",
+    "kv_cache_bytes",
+    "latency_ms",
+    "prefill_ms",
+    "generate_ms",
+)
 
 
 def pick_device(requested: str) -> str:
@@ -80,47 +97,33 @@ class InferenceStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        out = [self.base_row(r) for r in rows]
-        todo = [i for i, r in enumerate(rows) if r["error_kind"] is None]
+        bases = [base_values(r, self.config, self.fingerprint, self.run_id) for r in rows]
+        out: list[dict | None] = [None] * len(rows)
+        for i, (row, base) in enumerate(zip(rows, bases, strict=True)):
+            if row["error_kind"] is not None:  # failed to decode: passes through as an error row
+                out[i] = error_row(base)
+        todo = [i for i, o in enumerate(out) if o is None]
         if todo:
-            self.run_rows([rows[i] for i in todo], [out[i] for i in todo])
+            done = self.run_rows([rows[i] for i in todo], [bases[i] for i in todo])
+            for i, row in zip(todo, done, strict=True):
+                out[i] = row
         assert len(out) == len(rows)
         return pa.Table.from_pylist(out, schema=SCHEMA)
 
-    def run_rows(self, rows: list[dict], out: list[dict]) -> None:
-        """Fill ``out`` in place; a batch failure falls back to one row at a time."""
+    def run_rows(self, rows: list[dict], bases: list[dict]) -> list[dict]:
+        """Output rows for ``rows``; a batch failure falls back to one row at a time."""
         try:
-            self.generate(rows, out)
+            return self.generate(rows, bases)
         except Exception as batch_error:
             if len(rows) == 1:
-                out[0].update(status="error", error_kind="inference_failed", error=_describe(batch_error))
-                return
+                return [error_row(bases[0], error_kind="inference_failed", error=_describe(batch_error))]
             log.warning("engine batch of %d failed (%s); retrying rows one at a time", len(rows), batch_error)
-            for row, o in zip(rows, out, strict=True):
-                self.run_rows([row], [o])
+            return [out for row, base in zip(rows, bases, strict=True) for out in self.run_rows([row], [base])]
 
-    def generate(self, rows: list[dict], out: list[dict]) -> None:
+    def generate(self, rows: list[dict], bases: list[dict]) -> list[dict]:
         requests = [self.request(row) for row in rows]
         results = self.engine.generate(requests)
-        for o, result in zip(out, results, strict=True):
-            generate_ms = result.stage_ms.get("decode", 0.0)  # the engine's "decode" is token generation
-            latency_ms = sum(result.stage_ms.values())
-            o.update(
-                status="ok",
-                text=result.text,
-                visual_tokens_total=result.visual_tokens_total,
-                visual_tokens_kept=result.visual_tokens_kept,
-                visual_tokens_layer_mean=result.visual_tokens_layer_mean,
-                generated_tokens=len(result.token_ids),
-                drafted_tokens=result.drafted,
-                accepted_tokens=result.accepted,
-                draft_rounds=result.rounds,
-                prefill_flops=result.prefill_flops,
-                kv_cache_bytes=result.kv_cache_bytes,
-                latency_ms=latency_ms,
-                prefill_ms=latency_ms - generate_ms,
-                generate_ms=generate_ms,
-            )
+        return [ok_row(base, result) for base, result in zip(bases, results, strict=True)]
 
     def request(self, row: dict):
         from operators.engine import Request, format_prompt
@@ -140,43 +143,58 @@ class InferenceStage:
             )
         return Request(format_prompt(processor, text, "video"), video=frames, media_key=row["uri"])
 
-    def base_row(self, row: dict) -> dict:
-        cfg = self.config
-        failed = row["error_kind"] is not None
-        return {
-            "item_id": row["item_id"],
-            "uri": row["uri"],
-            "media_type": row["media_type"],
-            "task": cfg.task,
-            "question": row["question"],
-            "answer": row["answer"],
-            "question_type": row["question_type"],
-            "text": None,
-            "status": "error" if failed else None,
-            "error_kind": row["error_kind"],
-            "error": row["error"],
-            "model": cfg.model.display_name,
-            "pruning_method": cfg.pruning.method,
-            "pruning_budget": cfg.pruning.budget,
-            "visual_tokens_total": None,
-            "visual_tokens_kept": None,
-            "visual_tokens_layer_mean": None,
-            "decode_strategy": cfg.decode.strategy,
-            "generated_tokens": None,
-            "drafted_tokens": None,
-            "accepted_tokens": None,
-            "draft_rounds": None,
-            "num_frames": None if failed else row["frame_shape"][0],
-            "prefill_flops": None,
-            "kv_cache_bytes": None,
-            "latency_ms": None,
-            "prefill_ms": None,
-            "generate_ms": None,
-            "decode_ms": row["decode_ms"],
-            "config_fingerprint": self.fingerprint,
-            "run_id": self.run_id,
-            "created_at": datetime.now(UTC),
-        }
+
+def base_values(row: dict, config: Config, fingerprint: str, run_id: str) -> dict:
+    """The values of ``row``'s output row that do not depend on inference: all but status and RESULT_COLUMNS."""
+    failed = row["error_kind"] is not None
+    return {
+        "item_id": row["item_id"],
+        "uri": row["uri"],
+        "media_type": row["media_type"],
+        "task": config.task,
+        "question": row["question"],
+        "answer": row["answer"],
+        "question_type": row["question_type"],
+        "error_kind": row["error_kind"],
+        "error": row["error"],
+        "model": config.model.display_name,
+        "pruning_method": config.pruning.method,
+        "pruning_budget": config.pruning.budget,
+        "decode_strategy": config.decode.strategy,
+        "num_frames": None if failed else row["frame_shape"][0],
+        "decode_ms": row["decode_ms"],
+        "config_fingerprint": fingerprint,
+        "run_id": run_id,
+        "created_at": datetime.now(UTC),
+    }
+
+
+def error_row(base: dict, **error) -> dict:
+    """An output row in error: ``base`` (with the decode error, or ``error_kind``/``error`` given), no results."""
+    return build_row(SCHEMA, {**base, **dict.fromkeys(RESULT_COLUMNS), "status": "error", **error}, "output row")
+
+
+def ok_row(base: dict, result) -> dict:
+    """The output row of an item the engine answered: ``base`` plus the engine's ``Result``."""
+    generate_ms = result.stage_ms.get("decode", 0.0)  # the engine's "decode" is token generation
+    latency_ms = sum(result.stage_ms.values())
+    values = {
+        "status": "ok",
+        "text": result.text,
+        "visual_tokens_total": result.visual_tokens_total,
+        "visual_tokens_kept": result.visual_tokens_kept,
+        "visual_tokens_layer_mean": result.visual_tokens_layer_mean,
+        "generated_tokens": len(result.token_ids),
+        "drafted_tokens": result.drafted,
+        "accepted_tokens": result.accepted,
+        "draft_rounds": result.rounds,
+        "prefill_flops": result.prefill_flops,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "latency_ms": latency_ms,
+        "prefill_ms": latency_ms - generate_ms,
+        "generate_ms": generate_ms,
+    }
+    return build_row(SCHEMA, {**base, **values}, "output row")
 
 
 def _describe(error: Exception) -> str:

@@ -20,27 +20,11 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from pipeline import sink, storage
+from pipeline import output, storage
 from pipeline.config import Config, ConfigError
+from pipeline.schema import WORK_FIELDS
 from pipeline.sources import load_work_rows
-
-PART_SUMMARY = pa.schema(
-    [
-        ("part", pa.string()),
-        ("item_ids", pa.list_(pa.string())),
-        ("rows", pa.int64()),
-        ("ok", pa.int64()),
-        ("error_kinds", pa.string()),  # JSON {kind: count}
-        ("generated_tokens", pa.int64()),
-        ("visual_tokens_kept", pa.int64()),
-        ("visual_tokens_total", pa.int64()),
-        ("latency_ms", pa.float64()),
-        ("prefill_ms", pa.float64()),
-        ("generate_ms", pa.float64()),
-        ("decode_ms", pa.float64()),
-        ("write_ms", pa.float64()),
-    ]
-)
+from pipeline.write import write_batch
 
 
 @dataclass
@@ -109,33 +93,6 @@ def preflight(config: Config) -> None:
         raise ConfigError(f"model.path: {model} is not a checkpoint directory (no config.json)")
 
 
-def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Table:
-    """Ray Data UDF (tasks): write the batch as one part, return one summary row."""
-    options = storage.fsspec_options(output_uri, **storage_config)
-    start = time.perf_counter()
-    part = sink.write_part(batch, output_uri, options)
-    write_ms = 1000.0 * (time.perf_counter() - start)
-    rows = batch.to_pylist()
-    ok = [r for r in rows if r["status"] == "ok"]
-    kinds = Counter(r["error_kind"] for r in rows if r["status"] != "ok")
-    summary = {
-        "part": part,
-        "item_ids": [r["item_id"] for r in rows],
-        "rows": len(rows),
-        "ok": len(ok),
-        "error_kinds": json.dumps(dict(kinds)),
-        "generated_tokens": sum(r["generated_tokens"] or 0 for r in ok),
-        "visual_tokens_kept": sum(r["visual_tokens_kept"] or 0 for r in ok),
-        "visual_tokens_total": sum(r["visual_tokens_total"] or 0 for r in ok),
-        "latency_ms": sum(r["latency_ms"] or 0.0 for r in ok),
-        "prefill_ms": sum(r["prefill_ms"] or 0.0 for r in ok),
-        "generate_ms": sum(r["generate_ms"] or 0.0 for r in ok),
-        "decode_ms": sum(r["decode_ms"] or 0.0 for r in rows),
-        "write_ms": write_ms,
-    }
-    return pa.Table.from_pylist([summary], schema=PART_SUMMARY)
-
-
 def init_ray(config: Config) -> None:
     import ray
 
@@ -168,7 +125,7 @@ def build_plan(work: list[dict], config: Config, run_id: str):
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from pipeline.decode import WORK_FIELDS, decode_batch
+    from pipeline.decode import decode_batch
     from pipeline.inference import InferenceStage
 
     compute = config.compute
@@ -219,7 +176,7 @@ def run(config: Config, log=print) -> Summary:
     fingerprint = config.fingerprint()
     out_options = options_for(config.output.uri, config)
     work = load_work_rows(config, options_for(config.input.uri, config))
-    done = sink.completed_items(config.output.uri, fingerprint, out_options)
+    done = output.completed_items(config.output.uri, fingerprint, out_options)
     # Grouped by media type, so engine batches hold prompts of similar length (images apart from videos).
     todo = sorted((row for row in work if row["item_id"] not in done), key=lambda row: row["media_type"] or "")
     summary = Summary(run_id, config.output.uri, fingerprint, len(work), len(work) - len(todo))
@@ -277,7 +234,7 @@ def finish(summary: Summary, work: list[dict], options: dict) -> None:
     if summary.seconds > 0:
         summary.items_per_second = summary.items_processed / summary.seconds
         summary.generated_tokens_per_second = summary.generated_tokens / summary.seconds
-    keys = sink.read_keys(summary.output, options)
+    keys = output.read_keys(summary.output, options)
     ids = [
         i
         for i, f in zip(keys.column("item_id").to_pylist(), keys.column("config_fingerprint").to_pylist(), strict=True)

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import media
-from pipeline.media import ERROR_KINDS, Decoded, DecodeWorker, MediaError, MediaOptions, decode, sniff
+from pipeline.media import ERROR_KINDS, Decoded, DecodeWorker, MediaError, MediaOptions, decode, sniff, sniffing, videos
 from tests.broken_media import misbehaving_decode, mp4_bytes, write_broken_media, zero_packet
 
 TIMEOUT_S = 1.0  # for the misbehaving decoders
@@ -279,10 +278,10 @@ def test_max_side_downscales_keeping_the_aspect(ramp, corpus):
 
 def test_decord_fallback_is_frame_exact_with_pyav(ramp):
     _, data = ramp
-    sniffed = media._sniff(data)
+    sniffed = sniffing._sniff(data)
     options = MediaOptions(num_frames=8)
-    pyav = media._decode_video(data, sniffed, options, backend="pyav")
-    decord = media._decode_video(data, sniffed, options, backend="decord")
+    pyav = videos._decode_video(data, sniffed, options, backend="pyav")
+    decord = videos._decode_video(data, sniffed, options, backend="decord")
     assert pyav.info["frame_indices"] == decord.info["frame_indices"]
     np.testing.assert_array_equal(pyav.frames, decord.frames)
 
@@ -294,7 +293,7 @@ def test_decord_is_the_fallback_when_pyav_itself_fails(ramp, monkeypatch):
     def broken(*args, **kwargs):
         raise IndexError("tuple index out of range")  # the kind of PyAV bug #692 describes
 
-    monkeypatch.setattr(media, "_pyav_frames", broken)
+    monkeypatch.setattr(videos, "_pyav_frames", broken)
     fallback = decode(data, "ramp.mp4")
     assert fallback.info["frame_indices"] == expected.info["frame_indices"]
     np.testing.assert_array_equal(fallback.frames, expected.frames)
@@ -307,9 +306,9 @@ def test_gif_scan_counts_frames():
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50, transparency=0)
     data = buffer.getvalue()
     assert Image.open(io.BytesIO(data)).n_frames == 3
-    assert media._gif_scan(data) == (3, "complete")
-    assert media._gif_scan(data + b"trailing junk") == (3, "complete")
-    assert media._gif_scan(data[:-1])[1] == "truncated"
+    assert sniffing._gif_scan(data) == (3, "complete")
+    assert sniffing._gif_scan(data + b"trailing junk") == (3, "complete")
+    assert sniffing._gif_scan(data[:-1])[1] == "truncated"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sink
 from pipeline.config import load_config
+from pipeline.output import part_files, read_output
 from pipeline.run import run
+from pipeline.schema import SCHEMA
 from synthetic.corpus import write_corpus
 from tests.broken_media import write_broken_media
 
@@ -50,7 +51,7 @@ def job_config(input_uri, output_uri, *overrides):
 
 
 def rows_of(output, fingerprint=None):
-    table = sink.read_output(str(output))
+    table = read_output(str(output))
     rows = table.to_pylist()
     return [r for r in rows if fingerprint is None or r["config_fingerprint"] == fingerprint]
 
@@ -73,9 +74,9 @@ def test_captions_one_ok_row_per_item(ray_local, corpus, tmp_path):
         assert 0 < r["generated_tokens"] <= 24 and r["latency_ms"] > 0 and r["run_id"] == summary.run_id
         assert r["prefill_ms"] > 0 and r["generate_ms"] > 0
         assert abs(r["prefill_ms"] + r["generate_ms"] - r["latency_ms"]) < 1e-6 * r["latency_ms"] + 1e-9
-    parts = sink.part_files(str(tmp_path / "out"))
+    parts = part_files(str(tmp_path / "out"))
     assert len(parts) >= 3  # rows_per_file=4
-    assert pq.read_schema(parts[0]).remove_metadata() == sink.SCHEMA
+    assert pq.read_schema(parts[0]).remove_metadata() == SCHEMA
     record = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
     assert record["summary"]["ok"] == 9 and record["config"]["pruning"]["budget"] == 21
     assert len({r["text"] for r in rows}) > 1  # captions depend on the media
@@ -234,7 +235,7 @@ def test_inference_actor_killed_mid_run(ray_local, corpus, tmp_path):
     def killer():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            if sink.part_files(str(out)):  # the actor has finished at least one batch
+            if part_files(str(out)):  # the actor has finished at least one batch
                 # Ray titles actor processes "ray::<class>"; decode and write stages are tasks.
                 for pid in pids_titled("ray::MapWorker(MapBatches(InferenceStage))"):
                     os.kill(pid, signal.SIGKILL)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sink
+from pipeline.output import part_files, read_output
 from synthetic.corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def rows_of(output):
-    return sink.read_output(str(output)).to_pylist()
+    return read_output(str(output)).to_pylist()
 
 
 def test_killed_job_rerun_ends_with_one_row_per_item(tmp_path):
@@ -55,7 +55,7 @@ def test_killed_job_rerun_ends_with_one_row_per_item(tmp_path):
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 240
-    while time.time() < deadline and not sink.part_files(str(out)) and proc.poll() is None:
+    while time.time() < deadline and not part_files(str(out)) and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the job finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # driver and everything it started

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sink, storage
+from pipeline import storage
+from pipeline.output import read_output
 from synthetic.corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +143,7 @@ def test_ray_job_submit_s3_round_trip(ray_head, s3_server, tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "succeeded" in done.stdout
     assert "ok 5, error 0" in done.stdout  # the job's summary, streamed back by `ray job submit`
-    rows = sink.read_output(output, options).to_pylist()
+    rows = read_output(output, options).to_pylist()
     assert sorted(r["item_id"] for r in rows) == [
         "images/img_00000000.png",
         "images/img_00000001.png",

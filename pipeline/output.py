@@ -1,4 +1,4 @@
-"""Sink: the output Parquet layout, its schema, atomic part files and the resume index.
+"""Output layout: the Parquet part files (schema: pipeline.schema), atomic part writes and the resume index.
 
 Layout under ``output.uri``::
 
@@ -21,45 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-
-# The output contract (README "Output schema"); OUTPUT_SCHEMA_VERSION in config.py changes with it.
-SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("uri", pa.string()),
-        ("media_type", pa.string()),  # "image" / "video" as decoded; null when decoding failed early
-        ("task", pa.string()),  # "caption" / "qa"
-        ("question", pa.string()),
-        ("answer", pa.string()),  # reference answer from the input, when it has one
-        ("question_type", pa.string()),
-        ("text", pa.string()),  # the model's caption or answer; null on error
-        ("status", pa.string()),  # "ok" / "error"
-        ("error_kind", pa.string()),  # e.g. not_found, too_large, corrupt, decode_timeout, inference_failed
-        ("error", pa.string()),  # human-readable message
-        ("model", pa.string()),
-        ("pruning_method", pa.string()),
-        ("pruning_budget", pa.int32()),
-        ("visual_tokens_total", pa.int32()),
-        ("visual_tokens_kept", pa.int32()),
-        ("visual_tokens_layer_mean", pa.float64()),  # averaged over LLM layers (TwigVLM's R-bar)
-        ("decode_strategy", pa.string()),
-        ("generated_tokens", pa.int32()),
-        ("drafted_tokens", pa.int32()),  # SSD: tokens the twig drafted (null for greedy)
-        ("accepted_tokens", pa.int32()),  # SSD: drafts the base accepted
-        ("draft_rounds", pa.int32()),  # SSD: verification rounds
-        ("num_frames", pa.int32()),
-        ("prefill_flops", pa.float64()),
-        ("kv_cache_bytes", pa.int64()),
-        ("latency_ms", pa.float64()),  # this row's share of its engine batch's wall time
-        ("prefill_ms", pa.float64()),  # of which preprocessing, vision tower, pruning and prefill
-        ("generate_ms", pa.float64()),  # of which token generation (greedy steps or SSD rounds)
-        ("decode_ms", pa.float64()),  # read + decode wall time of the media
-        ("config_fingerprint", pa.string()),
-        ("run_id", pa.string()),
-        ("created_at", pa.timestamp("ms", tz="UTC")),
-    ]
-)
-KEY_COLUMNS = ["item_id", "config_fingerprint"]
+from pipeline.schema import KEY_COLUMNS, SCHEMA
 
 
 def part_name(item_ids: list[str], fingerprint: str) -> str:

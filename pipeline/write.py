@@ -1,0 +1,43 @@
+"""Write stage (CPU Ray tasks): each batch of output rows becomes one atomic Parquet part.
+
+Returns one summary row per part (schema.PART_SUMMARY); the driver streams these back and adds them up,
+so no output row ever travels to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pyarrow as pa
+
+from pipeline import output, storage
+from pipeline.schema import PART_SUMMARY, build_row
+
+
+def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Table:
+    """Ray Data UDF (tasks): write the batch as one part, return one summary row."""
+    options = storage.fsspec_options(output_uri, **storage_config)
+    start = time.perf_counter()
+    part = output.write_part(batch, output_uri, options)
+    write_ms = 1000.0 * (time.perf_counter() - start)
+    rows = batch.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    kinds = Counter(r["error_kind"] for r in rows if r["status"] != "ok")
+    summary = {
+        "part": part,
+        "item_ids": [r["item_id"] for r in rows],
+        "rows": len(rows),
+        "ok": len(ok),
+        "error_kinds": json.dumps(dict(kinds)),
+        "generated_tokens": sum(r["generated_tokens"] or 0 for r in ok),
+        "visual_tokens_kept": sum(r["visual_tokens_kept"] or 0 for r in ok),
+        "visual_tokens_total": sum(r["visual_tokens_total"] or 0 for r in ok),
+        "latency_ms": sum(r["latency_ms"] or 0.0 for r in ok),
+        "prefill_ms": sum(r["prefill_ms"] or 0.0 for r in ok),
+        "generate_ms": sum(r["generate_ms"] or 0.0 for r in ok),
+        "decode_ms": sum(r["decode_ms"] or 0.0 for r in rows),
+        "write_ms": write_ms,
+    }
+    return pa.Table.from_pylist([build_row(PART_SUMMARY, summary, "part summary")], schema=PART_SUMMARY)
