@@ -100,23 +100,39 @@ class DecodeConfig(_Section):
     seed: int = 0  # sampling: each row's generator is seeded from this and its item id
 
 
-class MediaConfig(_Section):
-    """Decoding on CPU tasks, before the GPU actors (see pipeline/media.py)."""
+class MediaOptions(_Section):
+    """How media are read and decoded (CPU tasks, before the GPU actors; ``pipeline.media``).
 
-    num_frames: int = Field(8, ge=1, le=1024)
+    The one definition of these settings and their defaults: the job's ``media.*`` keys and the
+    decoder itself (``pipeline.media.decode``, ``DecodeWorker``) both take this class. Frozen and
+    hashable: one decode worker per distinct options.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_frames: int = Field(8, ge=1, le=1024)  # frames sampled per video (uniform: exactly this many; fps: at most)
+    # "uniform": np.linspace(0, n - 1, num_frames).round() over the n decodable frames, first and last
+    # included (the demo model was trained with exactly this). "fps": the frame on screen at t = 0, 1/fps,
+    # 2/fps, ... seconds, at most num_frames of them.
     sampling: Literal["uniform", "fps"] = "uniform"
-    fps: float | None = Field(None, gt=0)
-    max_duration_s: float | None = Field(None, gt=0)
-    max_bytes: int = Field(1 << 30, ge=1)
-    max_pixels: int = Field(64_000_000, ge=1)
-    max_side: int | None = Field(1344, ge=16)  # downscale larger frames before they travel to the GPU actors
-    timeout_s: float = Field(60.0, gt=0)
-    max_memory_mb: int | None = Field(8192, ge=512)  # the decode child alone maps about 300 MB
-    # pyav: decode in order, counting frames that really decode; decord: seek to the sampled frames
+    fps: float | None = Field(None, gt=0, allow_inf_nan=False)  # required when sampling is "fps"
+    max_duration_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # sample only the first seconds
+    max_bytes: int = Field(1 << 30, ge=1)  # larger input: too_large
+    max_pixels: int = Field(64_000_000, ge=1)  # width * height of an image or frame, checked before decoding
+    # Downscale (aspect kept, bicubic) so that max(height, width) <= max_side before frames travel to the
+    # GPU actors; None: never.
+    max_side: int | None = Field(1344, ge=16)
+    timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)  # wall clock per item in the decode child
+    # Address-space cap (RLIMIT_AS) of the decode child; None: no cap. The child maps ~300 MB (Python,
+    # numpy, FFmpeg, Pillow) before it decodes anything, so smaller caps leave next to nothing.
+    max_memory_mb: int | None = Field(8192, ge=512)
+    # "pyav": decode every frame in order (frame counts from frames that really decode; decord as the
+    # fallback). "decord": decord's seeking get_batch at the sampled indices, after PyAV's demux-only probe
+    # (faster on long videos; refuses a file whose frame count the two disagree on).
     video_decoder: Literal["pyav", "decord"] = "pyav"
 
     @model_validator(mode="after")
-    def _fps_needed(self) -> MediaConfig:
+    def _fps_needed(self) -> MediaOptions:
         if self.sampling == "fps" and self.fps is None:
             raise ValueError("media.fps is required when media.sampling is 'fps'")
         return self
@@ -153,7 +169,7 @@ class Config(_Section):
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
-    media: MediaConfig = Field(default_factory=MediaConfig)
+    media: MediaOptions = Field(default_factory=MediaOptions)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

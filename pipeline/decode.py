@@ -14,15 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.config import MediaConfig
 from pipeline.media import DecodeWorker, MediaError, MediaOptions
 from pipeline.schema import DECODED_SCHEMA, WORK_FIELDS, build_row
 
 _workers: dict[MediaOptions, DecodeWorker] = {}  # per Ray worker process: the child decoder survives batches
-
-
-def media_options(config: MediaConfig) -> MediaOptions:
-    return MediaOptions(**config.model_dump())
 
 
 def _worker(options: MediaOptions) -> DecodeWorker:
@@ -69,17 +64,16 @@ def decode_row(row: dict, worker: DecodeWorker, options: MediaOptions, storage_c
     return build_row(DECODED_SCHEMA, out, "decoded row")
 
 
-def decode_batch(batch: pa.Table, media: dict, storage_config: dict | None = None) -> pa.Table:
+def decode_batch(batch: pa.Table, media: MediaOptions, storage_config: dict | None = None) -> pa.Table:
     """Ray Data UDF (tasks): work rows in, rows with frames or an error out, same count and order."""
-    options = media_options(MediaConfig.model_validate(media))
-    worker = _worker(options)
+    worker = _worker(media)
     rows = batch.to_pylist()
     done: dict[str, dict] = {}  # QA rows often share a video: decode each URI once per batch
     out = []
     for row in rows:
         cached = done.get(row["uri"])
         if cached is None:
-            cached = done[row["uri"]] = decode_row(row, worker, options, storage_config)
+            cached = done[row["uri"]] = decode_row(row, worker, media, storage_config)
             out.append(cached)
         else:
             same = {k: row[k] for k, _ in WORK_FIELDS if k != "media_type"}

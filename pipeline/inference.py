@@ -51,17 +51,16 @@ def pick_device(requested: str) -> str:
 class InferenceStage:
     """Loads the model once; ``__call__(batch)`` captions or answers every row of the batch."""
 
-    def __init__(self, config: dict, storage_config: dict | None, run_id: str):
+    def __init__(self, config: Config, storage_config: dict | None, run_id: str):
         import torch
 
-        from operators.engine import Engine, EngineConfig
+        from operators.engine import Engine
         from operators.loading import load_vlm
         from pipeline.storage import fsspec_options
 
-        self.config = Config.model_validate(config)
+        self.config = cfg = config  # validated once, on the driver (pickled here as it is)
         self.run_id = run_id
-        self.fingerprint = self.config.fingerprint()
-        cfg = self.config
+        self.fingerprint = cfg.fingerprint()
         torch.set_num_threads(cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor)))
         device = pick_device(cfg.model.device)
         dtype = cfg.model.dtype
@@ -75,25 +74,7 @@ class InferenceStage:
 
             twig_options = fsspec_options(cfg.decode.twig, **(storage_config or {}))
             twig = load_twig(cfg.decode.twig, model, storage_options=twig_options)
-        self.engine = Engine(
-            model,
-            processor,
-            EngineConfig(
-                pruning_method=cfg.pruning.method,
-                budget=cfg.pruning.budget,
-                important_ratio=cfg.pruning.important_ratio,
-                fastv_layer=cfg.pruning.fastv_layer,
-                max_new_tokens=cfg.decode.max_new_tokens,
-                seed=cfg.pruning.seed,
-                pad_to_square=cfg.model.pad_to_square,
-                decode_strategy=cfg.decode.strategy,
-                max_draft=cfg.decode.max_draft,
-                draft_threshold=cfg.decode.draft_threshold,
-                finalwipe_layer=cfg.pruning.finalwipe_layer,
-                batch_tokens=cfg.compute.batch_tokens,
-            ),
-            twig=twig,
-        )
+        self.engine = Engine(model, processor, cfg.to_engine_config(), twig=twig)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -136,12 +117,12 @@ class InferenceStage:
         else:
             text = prompt.caption_video if kind == "video" and prompt.caption_video else prompt.caption
         processor = self.engine.processor
-        # QA rows about one file share its vision encoding within a batch (keyed by URI)
+        # QA rows about one file share its vision encoding within a batch (keyed by URI); sampling
+        # seeds each row from its item id, so a rerun samples the same text whatever the batching.
+        keys = {"media_key": row["uri"], "sample_key": row["item_id"]}
         if kind == "image":
-            return Request(
-                format_prompt(processor, text, "image"), images=[Image.fromarray(frames[0])], media_key=row["uri"]
-            )
-        return Request(format_prompt(processor, text, "video"), video=frames, media_key=row["uri"])
+            return Request(format_prompt(processor, text, "image"), images=[Image.fromarray(frames[0])], **keys)
+        return Request(format_prompt(processor, text, "video"), video=frames, **keys)
 
 
 def base_values(row: dict, config: Config, fingerprint: str, run_id: str) -> dict:

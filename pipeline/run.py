@@ -138,7 +138,7 @@ def build_plan(work: list[dict], config: Config, run_id: str):
     ds = ray.data.from_arrow(table).repartition(blocks)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"media": config.media.model_dump(), "storage_config": storage_config},
+        fn_kwargs={"media": config.media, "storage_config": storage_config},
         batch_format="pyarrow",
         batch_size=compute.decode_batch_size,
         compute=TaskPoolStrategy(size=compute.decode_tasks) if compute.decode_tasks else None,
@@ -151,7 +151,7 @@ def build_plan(work: list[dict], config: Config, run_id: str):
     )
     ds = ds.map_batches(
         InferenceStage,
-        fn_constructor_kwargs={"config": config.model_dump(), "storage_config": storage_config, "run_id": run_id},
+        fn_constructor_kwargs={"config": config, "storage_config": storage_config, "run_id": run_id},
         batch_format="pyarrow",
         batch_size=compute.batch_size,
         num_gpus=compute.gpus_per_actor,

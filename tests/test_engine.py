@@ -5,7 +5,9 @@ import torch
 from PIL import Image
 
 from operators.accounting import vision_tower_flops
+from operators.budgets import kept_for_layer_mean
 from operators.engine import Engine, EngineConfig, Request, format_prompt, length_batches
+from operators.tiny_models import tiny_llava
 from tests.conftest import random_image, random_video
 
 QUESTIONS = ["what is this ?", "describe the image in one two three four five words please", "red ?"]
@@ -237,9 +239,9 @@ def test_video_llava_keeps_each_frames_cls(tiny):
 
 
 def test_config_rejects_unknown_method_and_missing_budget():
-    with pytest.raises(ValueError, match="allowed: none, vispruner, random, pool, fastv"):
+    with pytest.raises(ValueError, match="pruning.method: unknown .* allowed: none, vispruner, fastv, random, pool"):
         EngineConfig("tome", budget=4)
-    with pytest.raises(ValueError, match="budget is required"):
+    with pytest.raises(ValueError, match="pruning.budget: required when pruning.method is 'vispruner'"):
         EngineConfig("vispruner")
 
 
@@ -271,3 +273,39 @@ def test_pad_to_square_pads_llava_images_with_the_mean_colour(tiny):
     model_next, processor_next = tiny("llava_next")
     with pytest.raises(ValueError, match="pad_to_square"):
         Engine(model_next, processor_next, EngineConfig(pad_to_square=True))
+
+
+def test_eager_attention_gets_explicit_causal_masks():
+    """Eager attention adds the mask to its scores and has no implicit causal mode: a model handed to
+    the engine with it must decode as Hugging Face's own generate does, left padding included."""
+    model, processor = tiny_llava(seed=0)
+    model.set_attn_implementation("eager")
+    assert model.config.text_config._attn_implementation == "eager"
+    requests = make_requests("llava", processor)
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(
+        text=[r.prompt for r in requests], images=[r.images[0] for r in requests], return_tensors="pt", padding=True
+    )
+    reference = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    ours = Engine(model, processor, EngineConfig(max_new_tokens=8)).generate(requests)
+    for row, result in enumerate(ours):
+        assert result.token_ids == reference[row, : len(result.token_ids)].tolist()
+    alone = Engine(model, processor, EngineConfig(max_new_tokens=8)).generate(requests[:1])[0]
+    assert alone.token_ids == ours[0].token_ids  # no padding: the fresh prefill's mask is built too
+
+
+@pytest.mark.parametrize("method", ["fastv", "vispruner"])
+def test_layer_mean_budgets_reach_the_requested_r_bar(tiny, method):
+    """pruning.budget_unit=layer_mean asks for TwigVLM's R-bar: pre-LLM methods keep R = R-bar; FastV
+    keeps R = ceil((L R-bar - K M) / (L - K)), so its measured layer mean lands on the target."""
+    model, processor = tiny("llava")  # 144 patches per image, 4 layers
+    requests = make_requests("llava", processor, count=2)
+    for target in (40, 80):
+        config = EngineConfig(method, budget=target, budget_unit="layer_mean", fastv_layer=1, max_new_tokens=2)
+        results = Engine(model, processor, config).generate(requests)
+        expected_r = target if method == "vispruner" else kept_for_layer_mean(4, 1, 4, 144, target)
+        for result in results:
+            assert result.visual_tokens_kept == expected_r
+            assert target <= result.visual_tokens_layer_mean < target + 1  # the ceiling overshoots by < 1
+    kept = Engine(model, processor, EngineConfig(method, budget=40, fastv_layer=1, max_new_tokens=2))
+    assert kept.generate(requests[:1])[0].visual_tokens_kept == 40  # the default unit is R itself

@@ -8,7 +8,6 @@ import pickle
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +173,7 @@ def test_options_are_validated():
         ({"timeout_s": 0}, "timeout_s"),
         ({"max_memory_mb": 10}, "max_memory_mb"),
     ]:
-        with pytest.raises(ValueError, match=f"MediaOptions.{field} "):
+        with pytest.raises(ValueError, match=rf"\b{field}\b"):
             MediaOptions(**kwargs)
     assert MediaOptions(sampling="fps", fps=2.0, max_memory_mb=None).fps == 2.0
     with pytest.raises(ValueError, match="start_method"):
@@ -431,7 +430,7 @@ def test_decord_option_decodes_the_same_frames(ramp):
     _, data = ramp
     for sampling in (MediaOptions(num_frames=5), MediaOptions(num_frames=4, sampling="fps", fps=3.0)):
         pyav = decode(data, "ramp.mp4", sampling)
-        seeking = decode(data, "ramp.mp4", replace(sampling, video_decoder="decord"))
+        seeking = decode(data, "ramp.mp4", sampling.model_copy(update={"video_decoder": "decord"}))
         assert seeking.info["frame_indices"] == pyav.info["frame_indices"]
         np.testing.assert_array_equal(seeking.frames, pyav.frames)
     with pytest.raises(ValueError, match="video_decoder"):

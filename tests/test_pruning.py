@@ -3,15 +3,11 @@
 import pytest
 import torch
 
-from operators.pruning import (
-    PRE_LLM_METHODS,
-    get_method,
-    pool_grid,
-    prune_pool,
-    prune_random,
-    top_k_indices,
-    vispruner,
-)
+from operators import registry
+from operators.pruning.base import BeforeLLM, InLLM, top_k_indices
+from operators.pruning.pool import pool, pool_grid
+from operators.pruning.random_subset import random_subset
+from operators.pruning.vispruner import vispruner
 
 
 def test_vispruner_important_only_takes_top_attention():
@@ -78,9 +74,9 @@ def test_vispruner_rejects_bad_arguments():
 
 def test_random_is_seeded_and_sorted():
     features = torch.randn(3, 50, 4)
-    a, _ = prune_random(features, None, 10, generator=torch.Generator().manual_seed(1))
-    b, _ = prune_random(features, None, 10, generator=torch.Generator().manual_seed(1))
-    c, _ = prune_random(features, None, 10, generator=torch.Generator().manual_seed(2))
+    a, _ = random_subset(features, 10, torch.Generator().manual_seed(1))
+    b, _ = random_subset(features, 10, torch.Generator().manual_seed(1))
+    c, _ = random_subset(features, 10, torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a, a.sort(dim=-1).values)
 
@@ -88,7 +84,7 @@ def test_random_is_seeded_and_sorted():
 def test_pool_averages_cells_and_anchors_at_centres():
     # 4x4 grid of scalar features equal to their index, pooled to 2x2 (budget 4).
     features = torch.arange(16.0).view(1, 16, 1)
-    anchors, tokens = prune_pool(features, None, 4, grid=(4, 4))
+    anchors, tokens = pool(features, 4, grid=(4, 4))
     # cell (0,0) covers indices 0,1,4,5 -> mean 2.5; centre anchor = row 0, col 0 -> index 0.
     assert tokens.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
     assert anchors.tolist() == [[0, 2, 8, 10]]
@@ -96,7 +92,13 @@ def test_pool_averages_cells_and_anchors_at_centres():
     assert pool_grid((24, 24), 128)[0] * pool_grid((24, 24), 128)[1] <= 128
 
 
-def test_registry_names_methods_and_rejects_unknown():
-    assert set(PRE_LLM_METHODS) == {"none", "vispruner", "random", "pool"}
-    with pytest.raises(ValueError, match="allowed: none, vispruner, random, pool"):
-        get_method("tome")
+def test_registry_names_each_method_with_where_it_acts():
+    assert registry.pruning_names() == ("none", "vispruner", "fastv", "random", "pool", "ttp")
+    for name in registry.pruning_names():
+        spec = registry.pruning_spec(name)
+        method = registry.load(spec)
+        expected = BeforeLLM if spec.acts == registry.BEFORE_LLM else InLLM
+        assert issubclass(method, expected) and method.name == name
+        assert spec.needs_budget == (name != "none") and spec.needs_twig == (name == "ttp")
+    with pytest.raises(KeyError, match="allowed: none, vispruner, fastv, random, pool, ttp"):
+        registry.pruning_spec("tome")

@@ -11,7 +11,7 @@ import pytest
 from operators.engine import Result
 from pipeline import inference
 from pipeline.config import load_config
-from pipeline.decode import decode_row, media_options
+from pipeline.decode import decode_row
 from pipeline.inference import InferenceStage, base_values, error_row, ok_row
 from pipeline.schema import DECODED_SCHEMA, PART_SUMMARY, SCHEMA, WORK_FIELDS, build_row
 from pipeline.write import write_batch
@@ -163,7 +163,7 @@ def test_inference_stage_call_without_a_model(config, monkeypatch):
 
 def test_decode_row_of_a_missing_file_covers_exactly_the_decoded_schema(config, tmp_path):
     work = {name: None for name, _ in WORK_FIELDS} | {"item_id": "gone", "uri": str(tmp_path / "gone.png")}
-    row = decode_row(work, worker=None, options=media_options(config.media), storage_config=None)
+    row = decode_row(work, worker=None, options=config.media, storage_config=None)
     assert list(row) == DECODED_SCHEMA.names
     assert row["error_kind"] == "not_found" and row["frames"] is None and row["decode_ms"] >= 0
 

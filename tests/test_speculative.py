@@ -6,19 +6,26 @@ never / always / sometimes-accept regimes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
-from operators import speculative as sp
-from operators.decoder import text_model
+from operators.accounting import transformer_layer_flops
+from operators.decoding.autoregressive import Autoregressive
+from operators.decoding.sampling import Sampler
+from operators.decoding.speculative import SelfSpeculative, rejection_sample
 from operators.engine import Engine, EngineConfig, Request, format_prompt
+from operators.language_model import text_model
+from operators.prefill import InLLMPruning, LayerPlan, prefill
+from operators.pruning.ttp import TwigGuided
 from operators.twig import grow_twig
 from tests.conftest import random_image, random_video
 
 
 def batch_inputs(model, processor, seeds, family="llava"):
-    """Embeddings of a batch of prompts of different lengths (left padded), like the engine builds them."""
+    """(engine, the prompt batch of prompts of different lengths, left padded, as the engine builds it)."""
     engine = Engine(model, processor, EngineConfig(max_new_tokens=8))
     questions = ["describe", "what is in the image", "count the things in it please", "colour ?"]
     requests = []
@@ -27,34 +34,40 @@ def batch_inputs(model, processor, seeds, family="llava"):
             requests.append(Request(format_prompt(processor, questions[i % 4], "video"), video=random_video(seed)))
         else:
             requests.append(Request(format_prompt(processor, questions[i % 4]), images=[random_image(seed)]))
-    rows = [engine.adapter.preprocess(r.prompt, r.images, r.video) for r in requests]
-    streams, _ = engine._prune_and_assemble(rows, engine._encode(rows))
-    embeds, positions, valid, _, prunable, _, segments = engine._build_batch(rows, streams)
-    return engine, embeds, positions, valid, prunable, torch.tensor(segments)
+    return engine, engine.prompt_batch(requests)
+
+
+def ttp_plan(model, twig, keep=None, finalwipe=None) -> tuple[LayerPlan, InLLMPruning | None]:
+    """The layer plan of TTP at the twig's K keeping ``keep`` [B] visual tokens (None: no pruning),
+    FinalWipe from ``finalwipe`` (None: none), with the twig run at K."""
+    plan = LayerPlan(len(text_model(model).layers), twig.K if keep is not None else None, finalwipe, twig.K)
+    pruning = None if keep is None else InLLMPruning(TwigGuided(EngineConfig("ttp", budget=1)).scores, keep)
+    return plan, pruning
+
+
+def reference(model, twig, inputs, keep=None, finalwipe=None, max_new=8, eos=None, sampler=None):
+    """Plain autoregressive decoding of the base under the same plan (what SSD must reproduce)."""
+    engine, batch = inputs
+    config = EngineConfig(max_new_tokens=max_new)
+    decoder = Autoregressive(config, eos if eos is not None else engine.eos_token_ids, engine.pad_token_id)
+    plan, pruning = ttp_plan(model, twig, keep, finalwipe)
+    return decoder.generate(model, batch, plan, twig, pruning, sampler)
+
+
+def speculative(
+    model, twig, inputs, keep=None, finalwipe=None, max_new=8, eos=None, max_draft=5, threshold=0.6, sampler=None
+):
+    engine, batch = inputs
+    config = EngineConfig(max_new_tokens=max_new, max_draft=max_draft, draft_threshold=threshold)
+    decoder = SelfSpeculative(config, eos if eos is not None else engine.eos_token_ids, engine.pad_token_id)
+    plan, pruning = ttp_plan(model, twig, keep, finalwipe)
+    return decoder.generate(model, batch, plan, twig, pruning, sampler)
 
 
 def generate_both(model, twig, inputs, keep, finalwipe, max_new, eos, max_draft=5, threshold=0.6):
-    engine, embeds, positions, valid, prunable, _ = inputs
-    eos = eos if eos is not None else engine.eos_token_ids
-    ar = sp.ttp_generate(
-        model, twig, embeds, positions, valid, prunable, keep, finalwipe, max_new, eos, engine.pad_token_id
-    )
-    ssd, stats = sp.ssd_generate(
-        model,
-        twig,
-        embeds,
-        positions,
-        valid,
-        prunable,
-        keep,
-        finalwipe,
-        max_new,
-        eos,
-        engine.pad_token_id,
-        max_draft=max_draft,
-        threshold=threshold,
-    )
-    return ar, ssd, stats
+    ar = reference(model, twig, inputs, keep, finalwipe, max_new, eos)
+    ssd = speculative(model, twig, inputs, keep, finalwipe, max_new, eos, max_draft, threshold)
+    return ar, ssd, ssd.stats
 
 
 def assert_same(ar, ssd):
@@ -71,7 +84,7 @@ def test_ssd_equals_greedy_over_budgets_and_draft_lengths(tiny, family, batch):
     n_layers = len(text_model(model).layers)
     twig = grow_twig(model, K=1, T=2)
     inputs = batch_inputs(model, processor, range(100 * batch, 100 * batch + batch), family)
-    segments = inputs[-1]
+    segments = torch.tensor(inputs[1].segments)
     for budget, finalwipe in [(None, None), (3, None), (3, n_layers - 1), (12, n_layers - 1)]:
         keep = None if budget is None else budget * segments
         for max_draft, threshold, max_new in [(1, 0.0, 9), (3, 0.6, 13), (5, 0.0, 17)]:
@@ -85,9 +98,8 @@ def test_unpruned_reference_equals_the_engine(tiny):
     model, processor = tiny("llava")
     twig = grow_twig(model, K=2, T=1)
     inputs = batch_inputs(model, processor, range(4))
-    engine = inputs[0]
-    ar = sp.ttp_generate(model, twig, *inputs[1:5], None, None, 12, engine.eos_token_ids, engine.pad_token_id)
-    engine.config = EngineConfig(max_new_tokens=12)
+    ar = reference(model, twig, inputs, max_new=12)
+    engine = Engine(model, processor, EngineConfig(max_new_tokens=12))
     requests = [
         Request(format_prompt(processor, q), images=[random_image(s)])
         for s, q in zip(
@@ -128,8 +140,7 @@ def test_never_accept_still_equals_greedy(tiny):
     model, processor = tiny("llava")
     twig = grow_twig(model, K=1, T=1)
     inputs = batch_inputs(model, processor, range(20, 23))
-    engine = inputs[0]
-    ar = sp.ttp_generate(model, twig, *inputs[1:5], None, None, 10, engine.eos_token_ids, engine.pad_token_id)
+    ar = reference(model, twig, inputs, max_new=10)
     unused = next(t for t in range(model.config.text_config.vocab_size) if t not in ar.tokens.flatten().tolist())
     twig.head = FixedHead(unused, model.config.text_config.vocab_size)
     ar, ssd, stats = generate_both(model, twig, inputs, None, None, 10, None, max_draft=3, threshold=0.0)
@@ -143,7 +154,7 @@ def test_sometimes_accept_rows_take_their_own_prefix_lengths(tiny):
     n_layers = len(text_model(model).layers)
     twig = grow_twig(model, K=1, T=n_layers - 1)
     inputs = batch_inputs(model, processor, range(30, 38))
-    keep = 4 * inputs[-1]  # the base is pruned, the twig sees everything: they disagree sometimes
+    keep = 4 * torch.tensor(inputs[1].segments)  # the base is pruned, the twig sees everything: they disagree sometimes
     ar, ssd, stats = generate_both(model, twig, inputs, keep, n_layers - 1, 24, None, max_draft=5, threshold=0.0)
     assert_same(ar, ssd)
     rate = stats.accepted.float() / stats.drafted.clamp(min=1).float()
@@ -156,8 +167,7 @@ def test_eos_inside_a_draft_and_max_new_tokens_mid_draft(tiny):
     n_layers = len(text_model(model).layers)
     twig = grow_twig(model, K=1, T=n_layers - 1)  # always accepts: EOS arrives inside a draft
     inputs = batch_inputs(model, processor, range(40, 44))
-    engine = inputs[0]
-    free = sp.ttp_generate(model, twig, *inputs[1:5], None, None, 16, engine.eos_token_ids, engine.pad_token_id)
+    free = reference(model, twig, inputs, max_new=16)
     eos = int(free.tokens[1, 6])  # pretend the 7th token of row 1 is EOS
     ar, ssd, stats = generate_both(model, twig, inputs, None, None, 16, [eos], max_draft=5, threshold=0.0)
     assert_same(ar, ssd)
@@ -173,35 +183,42 @@ def test_ttp_keeps_text_plus_r_visual_tokens_and_wipes_them_later(tiny):
     lm = text_model(model)
     n_layers = len(lm.layers)
     twig = grow_twig(model, K=1, T=1)
-    engine, embeds, positions, valid, prunable, segments = batch_inputs(model, processor, range(50, 53))
-    keep = 5 * segments
-    state = sp.ttp_prefill(model, twig, embeds, positions, valid, prunable, keep, n_layers - 1, 4)
-    text = (valid & ~prunable).sum(dim=1)
-    total = valid.sum(dim=1)
+    _, batch = batch_inputs(model, processor, range(50, 53))
+    keep = 5 * torch.tensor(batch.segments)
+    plan, pruning = ttp_plan(model, twig, keep, n_layers - 1)
+    state = prefill(model, batch, plan, 4, twig, pruning)
+    text = (batch.valid & ~batch.prunable).sum(dim=1)
+    total = batch.valid.sum(dim=1)
     assert state.tokens_per_layer[:, 0].tolist() == total.tolist()  # layers 1..K: everything
     assert state.tokens_per_layer[:, 1].tolist() == (text + keep).tolist()  # K+1..K_f: text + R
     assert state.tokens_per_layer[:, -1].tolist() == text.tolist()  # after FinalWipe: text only
     assert state.visual_kept.tolist() == keep.tolist()
+    assert state.twig_tokens.tolist() == total.tolist()  # the twig saw every token
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "video_llava"])
 def test_engine_ssd_equals_greedy_with_each_pruning(tiny, family):
-    """Through the engine: decode_strategy=ssd gives greedy's text for none, vispruner and ttp."""
+    """Through the engine: decode_strategy=ssd gives greedy's text for none, vispruner, fastv and ttp,
+    and prunes as greedy does (FastV inside SSD's base pass)."""
     model, processor = tiny(family)
     n_layers = len(text_model(model).layers)
     twig = grow_twig(model, K=1, T=n_layers - 1)
     requests = [Request(format_prompt(processor, "describe"), images=[random_image(s)]) for s in (60, 61, 62)]
     if family == "video_llava":
         requests.append(Request(format_prompt(processor, "what happens", "video"), video=random_video(63)))
-    for method, budget in [("none", None), ("vispruner", 6), ("ttp", 6)]:
-        config = dict(pruning_method=method, budget=budget, max_new_tokens=14)
-        greedy = Engine(model, processor, EngineConfig(**config), twig=twig).generate(requests)
-        ssd = Engine(model, processor, EngineConfig(**config, decode_strategy="ssd"), twig=twig).generate(requests)
+    for method, budget in [("none", None), ("vispruner", 6), ("fastv", 6), ("ttp", 6)]:
+        config = dict(budget=budget, max_new_tokens=14)
+        greedy = Engine(model, processor, EngineConfig(method, **config), twig=twig).generate(requests)
+        ssd_engine = Engine(model, processor, EngineConfig(method, **config, decode_strategy="ssd"), twig=twig)
+        ssd = ssd_engine.generate(requests)
         assert [r.token_ids for r in ssd] == [r.token_ids for r in greedy], method
+        assert [r.visual_tokens_kept for r in ssd] == [r.visual_tokens_kept for r in greedy], method
         assert all(r.drafted is not None and 0 <= r.accepted <= r.drafted for r in ssd)
         assert all(r.drafted is None for r in greedy)
+        if method != "none":
+            assert all(r.visual_tokens_kept < r.visual_tokens_total for r in ssd), method
         if method == "ttp":  # R at layer K; R-bar = (M K + R (K_f - K)) / L, as TwigVLM defines it
-            wipe = Engine(model, processor, EngineConfig(**config), twig=twig).finalwipe_layer()
+            wipe = ssd_engine.layer_plan.wipe_layer
             for r in greedy:
                 assert r.visual_tokens_kept < r.visual_tokens_total
                 expected = (r.visual_tokens_total * twig.K + r.visual_tokens_kept * (wipe - twig.K)) / n_layers
@@ -221,8 +238,9 @@ def test_rejection_sample_reproduces_the_target_distribution():
     p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.1, 0.1, 0.1, 0.1, 0.6]])  # after input 0, after draft 1
     q = torch.tensor([[0.05, 0.05, 0.3, 0.3, 0.3]])  # a poor draft distribution
     drafts = torch.multinomial(q.expand(rows, -1), 1, replacement=True, generator=generator)  # [N, 1]
-    accepted, bonus = sp.rejection_sample(
-        drafts, torch.ones(rows, dtype=torch.long), q.expand(rows, 1, -1), p.expand(rows, 2, -1), generator
+    sampler = Sampler(temperature=1.0, generators=generator)
+    accepted, bonus = rejection_sample(
+        drafts, torch.ones(rows, dtype=torch.long), q.expand(rows, 1, -1), p.expand(rows, 2, -1), sampler
     )
     first = torch.where(accepted == 1, drafts[:, 0], bonus)  # the first token emitted
     frequencies = torch.bincount(first, minlength=5).float() / rows
@@ -239,24 +257,10 @@ def test_sampling_with_an_exact_twig_accepts_every_draft(tiny):
     model, processor = tiny("llava")
     n_layers = len(text_model(model).layers)
     twig = grow_twig(model, K=1, T=n_layers - 1)
-    engine, embeds, positions, valid, prunable, _ = batch_inputs(model, processor, range(70, 74))
-    generation, stats = sp.ssd_generate(
-        model,
-        twig,
-        embeds,
-        positions,
-        valid,
-        prunable,
-        None,
-        None,
-        16,
-        engine.eos_token_ids,
-        engine.pad_token_id,
-        max_draft=4,
-        threshold=0.0,
-        temperature=0.8,
-        generator=torch.Generator().manual_seed(3),
-    )
+    inputs = batch_inputs(model, processor, range(70, 74))
+    sampler = Sampler(temperature=0.8, generators=torch.Generator().manual_seed(3))
+    generation = speculative(model, twig, inputs, max_new=16, max_draft=4, threshold=0.0, sampler=sampler)
+    stats = generation.stats
     assert int(stats.drafted.sum()) > 0
     assert torch.equal(stats.accepted, stats.drafted)
     assert generation.lengths.tolist() == [16] * 4 or bool((generation.lengths <= 16).all())
@@ -276,26 +280,36 @@ def test_speculative_sampling_matches_base_sampling_end_to_end(tiny):
     come from the same distribution: a two-sample chi-square test, bound at about 5 sigma."""
     model, processor = tiny("llava")
     twig = grow_twig(model, K=1, T=1)
-    engine, embeds, positions, valid, prunable, _ = batch_inputs(model, processor, [5])
+    engine, batch = batch_inputs(model, processor, [5])
     rows = 2000
-    inputs = [t.expand(rows, *t.shape[1:]).contiguous() for t in (embeds, positions, valid, prunable)]
-    ar = sp.ttp_generate(
-        model, twig, *inputs, None, None, 3, [-1], 0, temperature=0.7, generator=torch.Generator().manual_seed(1)
+    expand = {
+        name: getattr(batch, name).expand(rows, *getattr(batch, name).shape[1:]).contiguous()
+        for name in ("embeds", "positions", "valid", "visual", "prunable")
+    }
+    many = (
+        engine,
+        replace(
+            batch,
+            **expand,
+            media_spans=batch.media_spans * rows,
+            segments=batch.segments * rows,
+            visual_total=batch.visual_total * rows,
+        ),
     )
-    ssd, stats = sp.ssd_generate(
+    ar = reference(
+        model, twig, many, max_new=3, eos=[-1], sampler=Sampler(0.7, generators=torch.Generator().manual_seed(1))
+    )
+    ssd = speculative(
         model,
         twig,
-        *inputs,
-        None,
-        None,
-        3,
-        [-1],
-        0,
+        many,
+        max_new=3,
+        eos=[-1],
         max_draft=1,
         threshold=0.0,
-        temperature=0.7,
-        generator=torch.Generator().manual_seed(2),
+        sampler=Sampler(0.7, generators=torch.Generator().manual_seed(2)),
     )
+    stats = ssd.stats
     assert 0 < int(stats.accepted.sum()) < int(stats.drafted.sum())  # both branches of the rule ran
     vocab = model.config.text_config.vocab_size
     for k in (1, 2):  # token 1: the draft or its replacement; token 2: the bonus
@@ -303,3 +317,22 @@ def test_speculative_sampling_matches_base_sampling_end_to_end(tiny):
             torch.bincount(ar.tokens[:, k], minlength=vocab), torch.bincount(ssd.tokens[:, k], minlength=vocab)
         )
         assert statistic < dof + 5 * (2 * dof) ** 0.5, (k, statistic, dof)
+
+
+def test_twig_layers_count_in_prefill_flops_and_kv_bytes(tiny):
+    """The twig's T layers run over the whole prompt in TTP and SSD: their FLOPs and cache are counted."""
+    model, processor = tiny("llava")
+    twig = grow_twig(model, K=1, T=2)
+    requests = [
+        Request(format_prompt(processor, q), images=[random_image(s)]) for s, q in ((80, "describe"), (81, "a ?"))
+    ]
+    config = dict(budget=6, max_new_tokens=3)
+    greedy = Engine(model, processor, EngineConfig("vispruner", **config)).generate(requests)
+    ssd_engine = Engine(model, processor, EngineConfig("vispruner", **config, decode_strategy="ssd"), twig=twig)
+    ssd = ssd_engine.generate(requests)
+    text_config = model.config.text_config
+    for request, g, s in zip(requests, greedy, ssd, strict=True):
+        prompt = int(ssd_engine.prompt_batch([request]).valid.sum())  # tokens the twig's layers saw
+        per_layer = transformer_layer_flops(prompt, text_config.hidden_size, text_config.intermediate_size)
+        assert s.prefill_flops - g.prefill_flops == pytest.approx(2 * per_layer, rel=1e-9)
+        assert s.kv_cache_bytes - g.kv_cache_bytes == 2 * prompt * (2 * 2 * 16 * 4)  # K and V, 2 kv heads x 16, fp32

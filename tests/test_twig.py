@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from operators.decoder import text_model
+from operators.language_model import text_model
 from operators.loading import load_vlm
 from operators.tiny_models import BUILDERS
 from operators.twig import (
@@ -19,10 +19,8 @@ from operators.twig import (
     causal_mask,
     grow_twig,
     hidden_after_layer,
-    layer_average,
     load_twig,
     save_twig,
-    ttp_budget,
 )
 from synthetic import train_twig as tt
 from tests.conftest import random_image
@@ -198,22 +196,6 @@ def test_load_from_an_fsspec_uri(tmp_path, tiny):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     load_twig(uri, model, cache_dir=tmp_path / "cache")  # cached: no second copy
     assert len(list((tmp_path / "cache").iterdir())) == 1
-
-
-# --- TTP budget ---------------------------------------------------------------------------------------
-
-
-def test_ttp_budget_matches_twigvlm_and_layer_average_inverts_it():
-    assert [ttp_budget(32, 2, 24, 576, r) for r in (64, 128, 192)] == [41, 134, 227]
-    for r_bar in (64, 128, 192, 100.5):
-        r = ttp_budget(32, 2, 24, 576, r_bar)
-        assert layer_average(32, 2, 24, 576, r) >= r_bar > layer_average(32, 2, 24, 576, r - 1)
-    assert layer_average(32, 2, 24, 576, 41) == pytest.approx((576 * 2 + 41 * 22) / 32)
-    assert ttp_budget(32, 2, 24, 576, 10) == 0  # below what layers 1..K already spend
-    assert ttp_budget(32, 2, 24, 576, 1000) == 576
-    assert ttp_budget(4, 1, 3, 64, 21) == math.ceil((4 * 21 - 64) / 2)
-    with pytest.raises(ValueError, match="K < K_f"):
-        ttp_budget(32, 24, 24, 576, 64)
 
 
 # --- training: data and labels --------------------------------------------------------------------

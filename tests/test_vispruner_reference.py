@@ -26,7 +26,7 @@ from vispruner_reference import (  # noqa: E402
     reference_vispruner_with_info,
 )
 
-from operators.pruning import vispruner  # noqa: E402
+from operators.pruning.vispruner import vispruner  # noqa: E402
 
 # --------------------------------------------------------------------------
 # helpers

@@ -41,13 +41,12 @@ truncation), ``images`` (Pillow, GIF, pixel limits, RGB), ``sampling`` (frame sa
 from pipeline.media.dispatch import decode
 from pipeline.media.images import IMAGE_FORMATS
 from pipeline.media.sniffing import sniff
-from pipeline.media.types import ERROR_KINDS, SAMPLINGS, Decoded, MediaError, MediaOptions
+from pipeline.media.types import ERROR_KINDS, Decoded, MediaError, MediaOptions
 from pipeline.media.worker import DecodeFn, DecodeWorker
 
 __all__ = [
     "ERROR_KINDS",
     "IMAGE_FORMATS",
-    "SAMPLINGS",
     "DecodeFn",
     "DecodeWorker",
     "Decoded",
