@@ -258,8 +258,8 @@ def write_broken_media(directory: Path) -> list[Case]:
         "greyscale + alpha (LA)", (1, 40, 50, 3))  # fmt: skip
     add("one_pixel.png", _image_bytes(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "ok", "image", "1x1",
         (1, 1, 1, 3))  # fmt: skip
-    add("wide.png", _image_bytes(Image.fromarray(_gradient(16, 4000)), "PNG"), "ok", "image", "4000x16 strip",
-        (1, 16, 4000, 3))  # fmt: skip
+    add("wide.png", _image_bytes(Image.fromarray(_gradient(16, 4000)), "PNG"), "ok", "image",
+        "4000x16 strip, downscaled to the default media.max_side 1344", (1, 5, 1344, 3))  # fmt: skip
     add("image.webp", _image_bytes(Image.fromarray(_gradient(40, 50)), "WEBP", quality=90), "ok", "image", "WEBP",
         (1, 40, 50, 3))  # fmt: skip
     add("image.bmp", _image_bytes(Image.fromarray(_gradient(40, 50)), "BMP"), "ok", "image", "BMP", (1, 40, 50, 3))
