@@ -5,11 +5,11 @@ import math
 
 import torch
 
-from jobs.bench_twig_lm import TextProcessor, compare, engine_inputs, greedy_replies, prompt_batch
+from evaluation.bench_twig_lm import TextProcessor, compare, engine_inputs, greedy_replies, prompt_batch
 from operators.generate import greedy_generate
-from operators.tiny_models import tiny_llama
 from operators.twig import grow_twig
-from synthetic.train_twig import IGNORE, Conversation, TwigTrainConfig, encode, train_twig
+from tests.tiny_models import tiny_llama
+from training.train_twig import IGNORE, Conversation, TwigTrainConfig, encode, train_twig
 
 PROMPTS = ["what shape is the red circle ?", "describe the picture .", "where is the blue square ?", "is there a cat ?"]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.eval_quality import evaluate, main
+from evaluation.quality import evaluate, main
 from operators.loading import load_vlm
 from operators.twig import layer_average, load_twig
 from synthetic.world import iter_items

@@ -34,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from training.train_twig import REPORT_NAME, frames_per_video_of, read_text, run_job, write_text
 
-from synthetic.train_twig import REPORT_NAME, frames_per_video_of, read_text, run_job, write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
 def log(message: str) -> None:
@@ -119,7 +118,7 @@ def run_ray(args: argparse.Namespace, options: dict) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from synthetic.train_twig import ray_worker_loop
+    from training.train_twig import ray_worker_loop
 
     if not ray.is_initialized():
         # As the caption job does: --ray-address, RAY_ADDRESS (`ray job submit`), a live `ray start` cluster,
@@ -149,7 +148,7 @@ def run_ray(args: argparse.Namespace, options: dict) -> dict:
     return json.loads(read_text(f"{options['out'].rstrip('/')}/{REPORT_NAME}"))  # rank 0 wrote it
 
 
-def main(argv: list[str] | None = None) -> dict:
+def train(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     command = "python jobs/train_twig.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     options = options_from(args, command)
@@ -178,5 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def main(argv: list[str] | None = None) -> int:
+    train(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

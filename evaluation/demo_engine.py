@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from operators.engine import Engine, EngineConfig, Request, format_prompt  # noqa: E402
-from operators.loading import load_vlm  # noqa: E402
-from operators.pruning import METHODS  # noqa: E402
-from synthetic.demo_model import CAPTION_PROMPT  # noqa: E402
-from synthetic.evaluate import accuracy_by_type, answer_questions, media_for  # noqa: E402
-from synthetic.world import iter_items  # noqa: E402
+from evaluation.shapes_qa import accuracy_by_type, answer_questions, media_for
+from operators.engine import Engine, EngineConfig, Request, format_prompt
+from operators.loading import load_vlm
+from operators.pruning import METHODS
+from synthetic.world import iter_items
+from training.demo_model import CAPTION_PROMPT
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,11 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from evaluation.measure import PeakMemory
+from pipeline.config import load_config
 
-from jobs.measure import PeakMemory  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 # Short captions keep a 10k-video run within minutes on 2 CPU cores; what is measured here is the
 # pipeline's streaming and memory, not caption length.
@@ -69,8 +68,8 @@ def spilled_bytes() -> tuple[int, str]:
 def corpus_check(args) -> dict:
     import ray
 
+    from evaluation.s3_server import start_s3_server, stop_s3_server
     from synthetic.corpus import write_corpus
-    from tests.s3_server import start_s3_server, stop_s3_server
 
     work = Path(tempfile.mkdtemp(prefix="bench_scale_"))
     server, proc = start_s3_server(work, bucket="scale")
@@ -255,7 +254,7 @@ def _alive_nodes(address: str, env: dict) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_check(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("check", choices=["corpus", "nodes"])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -283,5 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
     return sys.exit(1) if bad else result
 
 
+def main(argv: list[str] | None = None) -> int:
+    run_check(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

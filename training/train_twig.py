@@ -82,8 +82,8 @@ def shapes_conversations(
 ) -> list[Conversation]:
     """Shapes-world items ``start .. start+n-1`` of ``seed``, generated in memory: per item its caption
     (prompt ``CAPTION_PROMPT``) plus ``qa_per_item`` of its QA pairs (-1: all), single-turn each."""
-    from synthetic.demo_model import CAPTION_PROMPT
     from synthetic.world import WorldConfig, iter_items, sample_frame_indices
+    from training.demo_model import CAPTION_PROMPT
 
     world = world or WorldConfig()
     rng = random.Random(seed * 1_000_003 + start)
@@ -128,7 +128,7 @@ def corpus_conversations(
     needs them."""
     import fsspec
 
-    from synthetic.demo_model import CAPTION_PROMPT
+    from training.demo_model import CAPTION_PROMPT
 
     fs, root = fsspec.core.url_to_fs(corpus, **(storage_options or {}))
     root = root.rstrip("/")

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from operators.engine import Engine, EngineConfig, Request, format_prompt  # noqa: E402
-from operators.loading import load_vlm  # noqa: E402
-from synthetic.world import WorldConfig, iter_items  # noqa: E402
+from operators.engine import Engine, EngineConfig, Request, format_prompt
+from operators.loading import load_vlm
+from synthetic.world import WorldConfig, iter_items
 
 STAGES = ("preprocess", "vision", "prune", "prefill", "decode")
 

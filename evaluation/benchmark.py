@@ -25,10 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from jobs.measure import PeakMemory  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
+from evaluation.measure import PeakMemory
+from pipeline.config import Config, load_config
 
 FRACTIONS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
 
@@ -260,7 +258,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     return parser, args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_benchmark(argv: list[str] | None = None) -> dict:
     parser, args = parse_args(argv)
     args.max_new_tokens = args.max_new_tokens or (160 if args.task == "caption" else 4)
 
@@ -373,5 +371,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def main(argv: list[str] | None = None) -> int:
+    run_benchmark(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from operators.loading import load_vlm  # noqa: E402
-from operators.vision import encode_with_cls_attention  # noqa: E402
-from synthetic.train_demo import pixel_tensor  # noqa: E402
-from synthetic.world import COLOURS, SHAPES, iter_items  # noqa: E402
+from operators.loading import load_vlm
+from operators.vision import encode_with_cls_attention
+from synthetic.world import COLOURS, SHAPES, iter_items
+from training.train_demo import pixel_tensor
 
 
 def object_features(model, processor, items) -> tuple[np.ndarray, list[dict]]:

@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from operators.engine import Engine, EngineConfig  # noqa: E402
-from synthetic.demo_model import DemoModelConfig, build_processor, build_tokenizer  # noqa: E402
-from synthetic.evaluate import accuracy_by_type, answer_questions  # noqa: E402
-from synthetic.train_demo import TrainConfig, train_stage1, train_stage2  # noqa: E402
-from synthetic.world import WorldConfig, iter_items  # noqa: E402
+from evaluation.shapes_qa import accuracy_by_type, answer_questions
+from operators.engine import Engine, EngineConfig
+from synthetic.world import WorldConfig, iter_items
+from training.demo_model import DemoModelConfig, build_processor, build_tokenizer
+from training.train_demo import TrainConfig, train_stage1, train_stage2
 
 QUICK = TrainConfig(
     stage1_images=64,

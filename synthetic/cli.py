@@ -14,15 +14,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from synthetic.corpus import write_corpus  # noqa: E402
-from synthetic.world import WorldConfig  # noqa: E402
+from synthetic.corpus import write_corpus
+from synthetic.world import WorldConfig
 
 
-def main(argv: list[str] | None = None) -> dict:
+def make_corpus(argv: list[str] | None = None) -> dict:
     defaults = WorldConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="local dir or fsspec URI (s3://..., memory://...)")
@@ -63,5 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    make_corpus(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.config import Config, ConfigError, load_config  # noqa: E402
+from pipeline.config import Config, ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:

@@ -14,18 +14,16 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPVisionConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from operators.engine import Engine, EngineConfig, Request, format_prompt  # noqa: E402
-from operators.tiny_models import tiny_llava  # noqa: E402
+from operators.engine import Engine, EngineConfig, Request, format_prompt
+from training.builders import basic_tokenizer, llama_config, random_llava
 
 # Widths reduced for a 2-core CPU; geometry (576 tokens, layer -2) is LLaVA-1.5's.
 PRESETS = {
@@ -61,7 +59,10 @@ def synthetic_images(count: int, seed: int = 0) -> list[Image.Image]:
 def build_model(preset: str, device: str, dtype: torch.dtype):
     spec = PRESETS[preset]
     with torch.device(device):
-        model, processor = tiny_llava(image_size=336, patch_size=14, vision_overrides=spec["vision"], **spec["text"])
+        tokenizer = basic_tokenizer()
+        vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=32, **spec["vision"])
+        text = llama_config(tokenizer, max_position_embeddings=2048, **spec["text"])
+        model, processor = random_llava(tokenizer, vision, text, seed=0)
     return model.to(device=device, dtype=dtype).eval(), processor
 
 

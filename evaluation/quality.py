@@ -34,14 +34,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from operators.decoder import text_model  # noqa: E402
-from operators.engine import Engine, EngineConfig  # noqa: E402
-from operators.loading import load_vlm  # noqa: E402
-from operators.twig import layer_average, load_twig, ttp_budget  # noqa: E402
-from synthetic.evaluate import accuracy_by_type, answer_questions, relative_accuracy  # noqa: E402
-from synthetic.world import WorldConfig, iter_items  # noqa: E402
+from evaluation.shapes_qa import accuracy_by_type, answer_questions, relative_accuracy
+from operators.decoder import text_model
+from operators.engine import Engine, EngineConfig
+from operators.loading import load_vlm
+from operators.twig import layer_average, load_twig, ttp_budget
+from synthetic.world import WorldConfig, iter_items
 
 FRACTIONS = {"1/3": 1 / 3, "2/9": 2 / 9, "1/9": 1 / 9}
 METHODS = ("vispruner", "fastv", "random", "pool", "ttp")

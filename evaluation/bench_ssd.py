@@ -23,14 +23,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from operators.engine import Engine, EngineConfig, Request, format_prompt  # noqa: E402
-from operators.loading import load_vlm  # noqa: E402
-from operators.twig import load_twig  # noqa: E402
-from synthetic.demo_model import CAPTION_PROMPT  # noqa: E402
-from synthetic.evaluate import media_for  # noqa: E402
-from synthetic.world import iter_items  # noqa: E402
+from evaluation.shapes_qa import media_for
+from operators.engine import Engine, EngineConfig, Request, format_prompt
+from operators.loading import load_vlm
+from operators.twig import load_twig
+from synthetic.world import iter_items
+from training.demo_model import CAPTION_PROMPT
 
 # (name, pruning method, decode strategy); pruned ones use --budget tokens per frame.
 CONFIGS = [

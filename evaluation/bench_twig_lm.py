@@ -27,13 +27,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from operators.decoder import left_padded_positions, text_model  # noqa: E402
-from operators.generate import greedy_generate  # noqa: E402
-from operators.speculative import ssd_generate  # noqa: E402
-from operators.twig import grow_twig  # noqa: E402
-from synthetic.train_twig import Conversation, TwigTrainConfig, agreement, encode, train_twig  # noqa: E402
+from operators.decoder import left_padded_positions, text_model
+from operators.generate import greedy_generate
+from operators.speculative import ssd_generate
+from operators.twig import grow_twig
+from training.train_twig import Conversation, TwigTrainConfig, agreement, encode, train_twig
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Instructions are template x topic; the held-out ones use templates and topics training never saw.
