@@ -1,77 +1,13 @@
 """Engine demo: the shipped demo model on a few generated shapes-world images and videos.
 
-For each pruning method at 1/9 of the visual tokens (plus `none`), prints the caption of the
-first image, QA accuracy over the sample, visual tokens kept, and time per item. Until the Ray
-job lands (issue 5) this runs the engine directly.
-
     python jobs/demo_engine.py [--model models/shapes-llava] [--out demo_out] [--seed 4242]
+
+Entry point only: the job is ``evaluation.demo_engine.main`` (console script ``vlm-demo-engine``).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
-import torch
-from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from operators.engine import Engine, EngineConfig, Request, format_prompt  # noqa: E402
-from operators.loading import load_vlm  # noqa: E402
-from operators.pruning import METHODS  # noqa: E402
-from synthetic.demo_model import CAPTION_PROMPT  # noqa: E402
-from synthetic.evaluate import accuracy_by_type, answer_questions, media_for  # noqa: E402
-from synthetic.world import iter_items  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/shapes-llava")
-    parser.add_argument("--out", type=Path, default=Path("demo_out"))
-    parser.add_argument("--seed", type=int, default=4242, help="seed of the generated sample (not a training seed)")
-    parser.add_argument("--images", type=int, default=12)
-    parser.add_argument("--videos", type=int, default=6)
-    parser.add_argument("--budget-fraction", type=float, default=1 / 9, help="share of visual tokens kept")
-    args = parser.parse_args(argv)
-
-    torch.set_num_threads(2)
-    model, processor = load_vlm(args.model)
-    card = json.loads((Path(args.model) / "training_report.json").read_text())
-    frames = card["model"]["frames_per_video"]
-    items = list(iter_items(args.seed, args.images, "image")) + list(iter_items(args.seed, args.videos, "video"))
-    sample_dir = args.out / "sample"
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    for item in items:
-        Image.fromarray(item.frames[0]).save(sample_dir / f"{item.item_id}.png")
-    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    budget = max(1, round(patches * args.budget_fraction))
-    first = items[0]
-    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
-    print(f"sample: {args.images} images + {args.videos} videos (seed {args.seed}), first frames in {sample_dir}/")
-    print(f"budget: {budget} of {patches} visual tokens per frame for the pruning methods\n")
-    print(f"truth ({first.item_id}): {first.caption}\n")
-    header = f"{'method':<10} {'kept/total':>10} {'QA acc':>7} {'ms/question':>11}  caption of {first.item_id}"
-    print(header)
-    print("-" * len(header))
-    for method in METHODS:
-        config = EngineConfig(method, budget=None if method == "none" else budget, max_new_tokens=96)
-        engine = Engine(model, processor, config)
-        caption = engine.generate(
-            [Request(format_prompt(processor, CAPTION_PROMPT["image"]), **media_for(first, frames))]
-        )[0]
-        engine.config = EngineConfig(method, budget=config.budget, max_new_tokens=4)
-        t0 = time.perf_counter()
-        records = answer_questions(engine, items, frames)
-        per_question = 1000 * (time.perf_counter() - t0) / len(records)
-        accuracy = accuracy_by_type(records)["all"]
-        kept = f"{caption.visual_tokens_kept}/{caption.visual_tokens_total}"
-        print(f"{method:<10} {kept:>10} {accuracy:>7.3f} {per_question:>11.1f}  {caption.text}")
-    print(f"\n{len(records)} questions per method; normalised exact match against the generator's answers")
-
+from evaluation.demo_engine import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,64 +4,12 @@
     python jobs/make_corpus.py --out s3://bucket/shapes --images 100000 --videos 20000 \\
         --storage-options '{"anon": false}'
 
-Progress goes to stderr every --progress-every items; the summary (counts, bytes, seconds, paths) is
-printed to stdout as JSON, after a one-line human summary on stderr.
+Entry point only: the job is ``synthetic.cli.main`` (console script ``vlm-make-corpus``).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from synthetic.corpus import write_corpus  # noqa: E402
-from synthetic.world import WorldConfig  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> dict:
-    defaults = WorldConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="local dir or fsspec URI (s3://..., memory://...)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=1000, help="number of image items")
-    parser.add_argument("--videos", type=int, default=200, help="number of video items")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--min-frames", type=int, default=defaults.video_frames[0])
-    parser.add_argument("--max-frames", type=int, default=defaults.video_frames[1])
-    parser.add_argument("--fps", type=int, default=defaults.fps)
-    parser.add_argument("--min-objects", type=int, default=defaults.min_objects)
-    parser.add_argument("--max-objects", type=int, default=defaults.max_objects)
-    parser.add_argument("--progress-every", type=int, default=500, help="items between progress lines")
-    parser.add_argument("--storage-options", type=json.loads, default=None, help="JSON dict for fsspec")
-    args = parser.parse_args(argv)
-
-    config = WorldConfig(
-        image_size=args.image_size,
-        video_frames=(args.min_frames, args.max_frames),
-        fps=args.fps,
-        min_objects=args.min_objects,
-        max_objects=args.max_objects,
-    )
-    start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        if done % args.progress_every == 0 or done == total:
-            rate = done / (time.perf_counter() - start)
-            print(f"[make_corpus] {done}/{total} items, {rate:.0f} items/s", file=sys.stderr, flush=True)
-
-    summary = write_corpus(args.out, args.seed, args.images, args.videos, config, args.storage_options, progress)
-    print(
-        f"[make_corpus] wrote {summary['images']} images, {summary['videos']} videos, {summary['qa']} QA pairs "
-        f"({summary['bytes'] / 1e6:.1f} MB) to {summary['out']} in {summary['seconds']:.1f} s",
-        file=sys.stderr,
-    )
-    print(json.dumps(summary, indent=2))
-    return summary
-
+from synthetic.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -77,3 +77,20 @@ def assemble_batch(
         visual[b, pad:] = visual_flags[b].to(device)
         spans[b] = [(start + pad, end + pad) for start, end in spans[b]]
     return PromptBatch(embeds, left_padded_positions(valid), valid, visual, prunable, spans, segment_counts, totals)
+
+
+def text_batch(embed: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PromptBatch:
+    """A prompt batch of left-padded text-only prompts (ids and mask [B, S], as a tokenizer pads them)."""
+    valid = attention_mask.bool().to(embed.weight.device)
+    none = torch.zeros_like(valid)
+    rows = valid.shape[0]
+    return PromptBatch(
+        embed(input_ids.to(valid.device)),
+        left_padded_positions(valid),
+        valid,
+        none,
+        none,
+        [[]] * rows,
+        [0] * rows,
+        [0] * rows,
+    )

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight LLaVA-family models built from configs in code."""
+"""Shared fixtures: tiny random-weight LLaVA-family models built from configs in code, and a real S3 server."""
 
 from __future__ import annotations
 
@@ -7,10 +7,20 @@ import pytest
 import torch
 from PIL import Image
 
-from operators.tiny_models import BUILDERS
-from tests.s3_server import s3_server  # noqa: F401  (session fixture: a real S3 server on 127.0.0.1)
+from evaluation.s3_server import S3Server, start_s3_server, stop_s3_server
+from tests.tiny_models import BUILDERS
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """One SeaweedFS S3 server per test session, on free loopback ports, with a pre-created bucket."""
+    server, proc = start_s3_server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        stop_s3_server(proc)
 
 
 @pytest.fixture(scope="session")

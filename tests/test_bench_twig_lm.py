@@ -5,11 +5,10 @@ import math
 
 import torch
 
-from jobs.bench_twig_lm import TextProcessor, compare, engine_inputs, greedy_replies, prompt_batch
-from operators.generate import greedy_generate
-from operators.tiny_models import tiny_llama
+from evaluation.bench_twig_lm import TextProcessor, compare, engine_inputs, greedy_decode, greedy_replies, prompt_batch
 from operators.twig import grow_twig
-from synthetic.train_twig import IGNORE, Conversation, TwigTrainConfig, encode, train_twig
+from tests.tiny_models import tiny_llama
+from training.train_twig import IGNORE, Conversation, TwigTrainConfig, encode, train_twig
 
 PROMPTS = ["what shape is the red circle ?", "describe the picture .", "where is the blue square ?", "is there a cat ?"]
 
@@ -17,13 +16,7 @@ PROMPTS = ["what shape is the red circle ?", "describe the picture .", "where is
 def test_greedy_on_a_causal_lm_equals_hugging_face_generate():
     model, tokenizer = tiny_llama(seed=1)
     ids, mask = prompt_batch(tokenizer, PROMPTS[:3])
-    ours = greedy_generate(
-        model,
-        **engine_inputs(model, ids, mask),
-        max_new_tokens=10,
-        eos_token_ids=[tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ours = greedy_decode(model, engine_inputs(model, ids, mask), 10, tokenizer.eos_token_id, tokenizer.pad_token_id)
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)[:, ids.shape[1] :]
     for row in range(3):
         n = int(ours.lengths[row])

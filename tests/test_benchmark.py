@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import benchmark
-from jobs.measure import tree_rss
+from evaluation import benchmark
+from evaluation.measure import tree_rss
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -32,7 +32,7 @@ def test_tree_rss_counts_this_process():
 
 def test_benchmark_runs_every_setup_and_checks_ssd_text(ray_local, tmp_path):
     out = tmp_path / "bench"
-    report = benchmark.main(
+    report = benchmark.run_benchmark(
         [
             "--images", "3", "--videos", "2", "--max-new-tokens", "12", "--out", str(out),
             "--setups", "vispruner-1/9", "ttp-1/9", "ttp+ssd-1/9",
@@ -59,7 +59,7 @@ def test_benchmark_runs_every_setup_and_checks_ssd_text(ray_local, tmp_path):
 
 
 def test_engine_stages_prints_every_stage_and_the_ratio(capsys):
-    from jobs import engine_stages
+    from evaluation import engine_stages
 
     engine_stages.main(["--items", "2", "--max-new-tokens", "4", "--repeats", "1", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.shapes_qa import accuracy_by_type, answer_questions
 from operators.engine import Engine, EngineConfig
 from operators.loading import load_vlm
-from synthetic.evaluate import accuracy_by_type, answer_questions
 from synthetic.world import iter_items
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-llava"

@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 from transformers import CLIPTextModel, CLIPVisionModel
 
-from jobs.train_demo_model import main as train_main
 from operators.engine import Engine, EngineConfig, Request, format_prompt
 from operators.loading import load_vlm
 from synthetic import world
-from synthetic.demo_model import (
+from synthetic.world import SHAPES, Item, WorldConfig, make_item, words
+from training.demo_cli import main as train_main
+from training.demo_model import (
     DemoModelConfig,
     build_llava,
     build_processor,
@@ -20,7 +21,7 @@ from synthetic.demo_model import (
     clip_text_config,
     vision_config,
 )
-from synthetic.train_demo import (
+from training.train_demo import (
     ContrastivePair,
     Example,
     build_sequences,
@@ -30,7 +31,6 @@ from synthetic.train_demo import (
     pack_items,
     pixel_tensor,
 )
-from synthetic.world import SHAPES, Item, WorldConfig, make_item, words
 
 
 def test_pixel_tensor_equals_the_image_processor():

@@ -181,11 +181,14 @@ def entrypoint_argv() -> list[str]:
 
 def test_rayjob_entrypoint_is_a_valid_caption_command():
     """The entrypoint's arguments go through jobs/caption.py's own parser and config validation."""
+    from pipeline import cli
+
     spec = importlib.util.spec_from_file_location("caption_cli", ROOT / "jobs" / "caption.py")
     caption = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(caption)
+    assert caption.caption_main is cli.caption_main  # the script is pipeline.cli's caption command
     argv = entrypoint_argv()
-    config, args = caption.parse_args(argv)
+    config, args = cli.parse_args(argv)
     assert Path(args.config).is_file()
     assert Path(args.config).resolve().parent == ROOT / "configs"
     config.require_paths()

@@ -7,8 +7,8 @@ from PIL import Image
 from operators.accounting import vision_tower_flops
 from operators.budgets import kept_for_layer_mean
 from operators.engine import Engine, EngineConfig, Request, format_prompt, length_batches
-from operators.tiny_models import tiny_llava
 from tests.conftest import random_image, random_video
+from tests.tiny_models import tiny_llava
 
 QUESTIONS = ["what is this ?", "describe the image in one two three four five words please", "red ?"]
 FAMILIES = ["llava", "llava_next", "video_llava"]

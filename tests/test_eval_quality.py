@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.eval_quality import evaluate, main
+from evaluation.quality import evaluate, main
+from operators.budgets import layer_mean
 from operators.loading import load_vlm
-from operators.twig import layer_average, load_twig
+from operators.twig import load_twig
 from synthetic.world import iter_items
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes-llava"
@@ -28,7 +29,7 @@ def check_ttp_rows(rows: list[dict]) -> None:
         assert (K, K_f) == (1, 3)  # the demo twig's K; 3/4 of the 4 layers
         assert r["kept_per_frame"] == r["budget_per_frame"]  # R survives layer K, per frame
         assert r["layer_mean_per_frame"] < PATCHES
-        assert r["layer_mean_per_frame"] == pytest.approx(layer_average(4, K, K_f, PATCHES, r["budget_per_frame"]))
+        assert r["layer_mean_per_frame"] == pytest.approx(layer_mean(4, K, K_f, PATCHES, r["budget_per_frame"]))
     # R-bar-matched: only 1/3 is reachable (layer 1 keeps all 64 tokens, so R-bar >= 16.5).
     at_mean = [r for r in ttp if r["basis"] == "R̄"]
     assert [(r["fraction"], r["budget_per_frame"], r["layer_mean_per_frame"]) for r in at_mean] == [("1/3", 10, 21.0)]
@@ -46,6 +47,16 @@ def test_evaluate_ttp_rows_and_skip_without_a_twig(capsys):
     rows = evaluate(model, processor, items, 4, 16, methods=("pool", "ttp"), twig=None, blank=False)
     assert "ttp: skipped" in capsys.readouterr().err
     assert [r["method"] for r in rows] == ["none"] + ["pool"] * 3
+
+    # FastV at matched R-bar prunes at the twig's K=1: R = ceil((4 x 21 - 64) / 3) = 7 reaches R-bar 21.25;
+    # 14 and 7 are below the floor (64 + 3) / 4 with R >= 1.
+    rows = evaluate(model, processor, items, 4, 16, methods=("fastv",), twig=twig, blank=False)
+    at_r = [r for r in rows if r.get("basis") == "R"]
+    assert [(r["budget_per_frame"], r["prune_layer"]) for r in at_r] == [(21, 2), (14, 2), (7, 2)]
+    at_mean = [r for r in rows if r.get("basis") == "R̄"]
+    summary = [(r["fraction"], r["budget_per_frame"], r["prune_layer"], r["layer_mean_per_frame"]) for r in at_mean]
+    assert summary == [("1/3", 7, 1, 21.25)]
+    assert "fastv: R̄ = 14/frame (2/9) is out of reach" in capsys.readouterr().err
 
 
 def test_merge_replaces_only_the_listed_methods(tmp_path, capsys):

@@ -8,8 +8,8 @@ import torch
 
 from operators.engine import Engine, EngineConfig, Request, format_prompt
 from operators.loading import fetch_checkpoint, load_vlm
-from operators.tiny_models import save_tiny
 from tests.conftest import random_image, random_video
+from tests.tiny_models import save_tiny
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "video_llava"])

@@ -182,7 +182,7 @@ def test_rerun_skips_done_items_and_new_config_gets_new_rows(ray_local, corpus, 
 
 
 def test_qa_task_and_videoqa_scoring(ray_local, corpus, tmp_path, capsys):
-    from jobs.videoqa import main
+    from pipeline.cli import videoqa_main as main
 
     args = ["--config", str(ROOT / "configs" / "shapes-qa.yaml"), "--input", str(corpus / "qa.json")]
     base = ["--output", str(tmp_path / "out"), "ray.progress_bars=false"]

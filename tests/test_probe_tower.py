@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from jobs.probe_tower import probe_accuracy
+from evaluation.probe_tower import probe_accuracy
 
 
 def test_probe_reads_an_encoded_attribute_and_not_a_random_one():

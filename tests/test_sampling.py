@@ -9,10 +9,10 @@ import torch
 
 from operators.decoding.sampling import Sampler, row_seed
 from operators.engine import Engine, Request, format_prompt
-from operators.tiny_models import tiny_llava
 from operators.twig import grow_twig
 from pipeline.config import load_config
 from tests.conftest import random_image
+from tests.tiny_models import tiny_llava
 
 
 @pytest.fixture(scope="module")

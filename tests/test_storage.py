@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from evaluation.s3_server import S3Server
 from pipeline import storage
-from tests.s3_server import S3Server
 
 
 @pytest.fixture

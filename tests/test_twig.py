@@ -13,7 +13,6 @@ from PIL import Image
 
 from operators.language_model import text_model
 from operators.loading import load_vlm
-from operators.tiny_models import BUILDERS
 from operators.twig import (
     base_fingerprint,
     causal_mask,
@@ -22,8 +21,9 @@ from operators.twig import (
     load_twig,
     save_twig,
 )
-from synthetic import train_twig as tt
 from tests.conftest import random_image
+from tests.tiny_models import BUILDERS
+from training import train_twig as tt
 
 PROMPT = "USER: <image>\nwhat color is the circle ? ASSISTANT: red . the circle is on the left"
 
@@ -285,7 +285,7 @@ def test_first_prompt_is_the_engines_and_chat_templates_work(tiny):
 
 def test_shapes_conversations_and_corpus_reader_agree(tmp_path):
     from synthetic.corpus import write_corpus
-    from synthetic.demo_model import CAPTION_PROMPT
+    from training.demo_model import CAPTION_PROMPT
 
     generated = tt.shapes_conversations(7, 2, 1, frames_per_video=3, qa_per_item=-1)
     write_corpus(str(tmp_path / "corpus"), 7, 2, 1)
@@ -305,8 +305,8 @@ def test_shapes_conversations_and_corpus_reader_agree(tmp_path):
 @pytest.fixture(scope="module")
 def small_demo_model(tmp_path_factory):
     """An untrained demo-architecture model (shapes-world tokenizer) at test size, saved as a checkpoint."""
-    from synthetic.demo_model import DemoModelConfig, build_llava, build_processor, build_tokenizer
     from synthetic.world import WorldConfig
+    from training.demo_model import DemoModelConfig, build_llava, build_processor, build_tokenizer
 
     world = WorldConfig()
     cfg = DemoModelConfig(
@@ -335,10 +335,10 @@ def test_agreement_is_one_when_the_twig_is_the_rest_of_the_base(tiny):
 
 
 def test_training_job_runs_and_writes_a_loadable_twig(tmp_path, small_demo_model):
-    from jobs.train_twig import main
+    from training.twig_cli import train
 
     out = tmp_path / "twig"
-    report = main(
+    report = train(
         [
             "--model", str(small_demo_model), "--out", str(out), "--K", "1", "--T", "2",
             "--seed", "5", "--images", "8", "--videos", "2", "--steps", "6", "--batch-size", "4",
@@ -360,11 +360,11 @@ def test_training_job_runs_and_writes_a_loadable_twig(tmp_path, small_demo_model
 
 
 def test_training_job_reads_a_corpus(tmp_path, small_demo_model):
-    from jobs.train_twig import main
     from synthetic.corpus import write_corpus
+    from training.twig_cli import train
 
     write_corpus(str(tmp_path / "corpus"), 3, 4, 2)
-    report = main(
+    report = train(
         [
             "--model", str(small_demo_model), "--out", str(tmp_path / "twig"), "--corpus", str(tmp_path / "corpus"),
             "--eval-percent", "40", "--steps", "2", "--batch-size", "4", "--eval-generated", "0", "--T", "1",
@@ -381,10 +381,10 @@ def test_ray_train_path_with_two_cpu_workers(tmp_path, small_demo_model):
     pytest.importorskip("ray.train")
     import ray
 
-    from jobs.train_twig import main
+    from training.twig_cli import train
 
     try:
-        report = main(
+        report = train(
             [
                 "--model", str(small_demo_model), "--out", str(tmp_path / "twig"),
                 "--images", "8", "--videos", "0", "--steps", "3", "--batch-size", "2", "--threads", "1",

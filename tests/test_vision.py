@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from operators.tiny_models import tiny_vision_config
 from operators.vision import encode_with_cls_attention, encoder_layers, resolve_layer
+from tests.tiny_models import tiny_vision_config
 
 
 @pytest.mark.parametrize("feature_layer", [-2, -1, 1, 2])

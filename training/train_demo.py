@@ -44,8 +44,8 @@ from transformers import CLIPTextModel, CLIPVisionModel, LlavaForConditionalGene
 
 from operators.engine import format_prompt_text
 from operators.vision import encode_with_cls_attention
-from synthetic.demo_model import CAPTION_PROMPT, DemoModelConfig, build_llava, clip_text_config, vision_config
 from synthetic.world import SHAPES, Item, WorldConfig, make_item, object_index_map, sample_frame_indices
+from training.demo_model import CAPTION_PROMPT, DemoModelConfig, build_llava, clip_text_config, vision_config
 
 Log = Callable[[str], None]
 

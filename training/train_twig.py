@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from operators.decoder import text_model
 from operators.engine import format_prompt, format_prompt_text
+from operators.language_model import text_model
 from operators.twig import Twig, hidden_after_layer
 
 Log = Callable[[str], None]
@@ -82,8 +82,8 @@ def shapes_conversations(
 ) -> list[Conversation]:
     """Shapes-world items ``start .. start+n-1`` of ``seed``, generated in memory: per item its caption
     (prompt ``CAPTION_PROMPT``) plus ``qa_per_item`` of its QA pairs (-1: all), single-turn each."""
-    from synthetic.demo_model import CAPTION_PROMPT
     from synthetic.world import WorldConfig, iter_items, sample_frame_indices
+    from training.demo_model import CAPTION_PROMPT
 
     world = world or WorldConfig()
     rng = random.Random(seed * 1_000_003 + start)
@@ -128,7 +128,7 @@ def corpus_conversations(
     needs them."""
     import fsspec
 
-    from synthetic.demo_model import CAPTION_PROMPT
+    from training.demo_model import CAPTION_PROMPT
 
     fs, root = fsspec.core.url_to_fs(corpus, **(storage_options or {}))
     root = root.rstrip("/")

@@ -21,8 +21,8 @@ from transformers import (
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from operators.tiny_models import copy_generation_ids, llava_processor, square_image_kwargs, word_tokenizer
 from synthetic.world import WorldConfig, vocabulary
+from training.builders import copy_generation_ids, llava_processor, square_image_kwargs, word_tokenizer
 
 # Words of the prompts the demo model is trained and served with (besides the world's own).
 PROMPT_WORDS = ["USER", "ASSISTANT", ":", "describe", "the", "image", "video", "."]

@@ -1,0 +1,129 @@
+"""Building Hugging Face LLaVA-family models and processors from configs in code (no downloads).
+
+A word-level tokenizer with LLaVA's special tokens, the processor that expands ``<image>`` to the
+patch count, deterministic random weights, and a random-weight ``LlavaForConditionalGeneration``
+(LLaVA-1.5 layout) from explicit vision and text configs. The results are the real Hugging Face
+classes, so loading, preprocessing, pruning and generation take the code paths real checkpoints
+take. Used by the demo model (``training.demo_model``), the engine benchmark
+(``evaluation.bench_engine``) and the tests' tiny models (``tests/tiny_models.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
+WORDS = (
+    "USER ASSISTANT : . , ? ! a an the is are of in on to and what which where how many color colour shape "
+    "image video picture describe there red green blue yellow circle square triangle left right top bottom "
+    "small large one two three four five yes no moving up down first then"
+).split()
+
+
+def basic_tokenizer(extra_words: int = 200) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a small English word list plus filler words."""
+    return word_tokenizer(WORDS + [f"w{i}" for i in range(extra_words)])
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with LLaVA's special tokens (whitespace and punctuation split);
+    unknown words map to <unk>."""
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIAL + list(words)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def llama_config(tokenizer: PreTrainedTokenizerFast, **values) -> LlamaConfig:
+    """A Llama text config with the tokenizer's vocabulary size and special ids; ``values`` set the rest."""
+    config = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config.update(values)
+    return LlamaConfig(**config)
+
+
+def random_init(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give the random model non-trivial weights deterministically and put it in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * noise)  # layer/RMS norm gains near 1
+            elif param.dim() == 1:
+                param.copy_(0.02 * noise)  # biases
+            else:
+                param.copy_(noise / param.shape[-1] ** 0.5)  # unit-variance activations
+    return model.eval()
+
+
+def square_image_kwargs(image_size: int) -> dict:
+    """Image-processor sizes for square inputs of ``image_size`` pixels."""
+    return dict(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+    )
+
+
+def random_llava(
+    tokenizer: PreTrainedTokenizerFast, vision: CLIPVisionConfig, text: LlamaConfig, seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """LlavaForConditionalGeneration (LLaVA-1.5 layout: CLIP tower, layer -2, CLS dropped) with
+    ``random_init`` weights, and its processor (square images of the tower's size)."""
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = random_init(LlavaForConditionalGeneration(config), seed)
+    processor = llava_processor(
+        LlavaProcessor, LlavaImageProcessorPil(**square_image_kwargs(vision.image_size)), tokenizer, vision.patch_size
+    )
+    copy_generation_ids(model, tokenizer)
+    return model, processor
+
+
+def llava_processor(processor_cls, image_processor, tokenizer, patch_size: int):
+    """A LLaVA(-NeXT) processor that expands <image> to the patch count (CLS dropped, as LLaVA does)."""
+    return processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def copy_generation_ids(model, tokenizer) -> None:
+    """Make ``generate`` stop and pad with the tokenizer's special ids."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
