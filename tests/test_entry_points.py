@@ -36,7 +36,8 @@ def child_env() -> dict:
 def test_every_console_script_target_is_a_main_taking_argv():
     scripts = console_scripts()
     assert len(scripts) == len(JOBS)
-    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in patterns}
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         assert module.split(".")[0] in packages, f"{name}: {module} is not in an installed package"

@@ -87,10 +87,11 @@ def ray_head(tmp_path_factory):
 
 
 def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the head's process group (`ray start --block` then stops what it started)."""
+    """SIGTERM the head's process group (`ray start --block` then stops what it started); SIGKILL
+    the group if it is still there after 10 s (it sometimes sits out a 30 s wait, for nothing)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
