@@ -64,8 +64,8 @@ class EngineConfig:
         _between("pruning.important_ratio", self.important_ratio, 0.0, 1.0)
         _at_least("pruning.fastv_layer", self.fastv_layer, 1)
         _at_least("pruning.finalwipe_layer", self.finalwipe_layer, 1, optional=True)
-        _at_least("decode.max_new_tokens", self.max_new_tokens, 1)
-        _at_least("decode.max_draft", self.max_draft, 1)
+        _at_least("decode.max_new_tokens", self.max_new_tokens, 1, maximum=8192)
+        _at_least("decode.max_draft", self.max_draft, 1, maximum=64)
         _between("decode.draft_threshold", self.draft_threshold, 0.0, 1.0)
         _at_least("decode.temperature", self.temperature, 0.0)
         _at_least("decode.top_k", self.top_k, 1, optional=True)
@@ -91,11 +91,13 @@ class EngineConfig:
         return self.temperature > 0
 
 
-def _at_least(key: str, value, minimum, optional: bool = False) -> None:
+def _at_least(key: str, value, minimum, optional: bool = False, maximum=None) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        bound = f">= {minimum}" + (" or null" if optional else "")
+    too_big = maximum is not None and isinstance(value, int | float) and value > maximum
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum or too_big:
+        bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        bound += " or null" if optional else ""
         raise SettingError(key, f"must be {bound}, got {value!r}")
 
 

@@ -44,6 +44,8 @@ def test_every_shipped_config_validates(path):
         (["pruning.budget_unit=rbar"], "pruning.budget_unit: unknown 'rbar'; allowed: kept, layer_mean"),
         (["decode.top_p=1.5"], "decode.top_p: must be in (0, 1], got 1.5"),
         (["compute.batch_tokens=0"], "compute.batch_tokens: must be >= 1 or null, got 0"),
+        (["decode.max_new_tokens=9000"], "decode.max_new_tokens: must be >= 1 and <= 8192, got 9000"),
+        (["decode.max_draft=65"], "decode.max_draft: must be >= 1 and <= 64, got 65"),
         (["pruning.method=ttp"], "decode.twig is required"),
         (["media.num_frames=0"], "media.num_frames: Input should be greater than or equal to 1"),
         (["media.sampling=fps"], "media.fps is required"),
