@@ -33,10 +33,15 @@ class PromptBatch:
 
 
 def assemble_batch(
-    rows: list[RowInputs], streams: list[list[Stream]], embed: torch.nn.Module, placeholder_ids: set[int]
+    rows: list[RowInputs],
+    streams: list[list[Stream]],
+    embed: torch.nn.Module,
+    placeholder_ids: set[int],
+    unpruned: bool = False,
 ) -> PromptBatch:
     """Splice each row's visual streams into its text embeddings (``embed``: the LM's token
-    embedding) in place of its placeholder runs, and left-pad the rows into one batch."""
+    embedding) in place of its placeholder runs, and left-pad the rows into one batch. ``unpruned``:
+    every stream must fill its placeholder run exactly, as Hugging Face checks."""
     device = embed.weight.device
     sequences, flags, visual_flags, spans, totals, segment_counts = [], [], [], [], [], []
     for row, row_streams in zip(rows, streams, strict=True):
@@ -45,6 +50,11 @@ def assemble_batch(
         text = embed(ids)
         parts, part_flags, part_visual, row_spans, cursor, total, length = [], [], [], [], 0, 0, 0
         for (start, end), stream in zip(runs, row_streams, strict=True):
+            if unpruned and end - start != len(stream.prunable):
+                raise ValueError(
+                    f"{end - start} placeholder tokens but {len(stream.prunable)} visual features: "
+                    "the processor and the model disagree"
+                )
             parts += [text[cursor:start], stream.embeds.to(text.dtype)]
             part_flags += [torch.zeros(start - cursor, dtype=torch.bool), stream.prunable.cpu()]
             count = len(stream.prunable)

@@ -122,7 +122,7 @@ class Engine:
         """The prompt batch the language model would get for ``requests`` (one batch, in order)."""
         rows = [self.adapter.preprocess(r.prompt, r.images, r.video) for r in requests]
         streams, _ = self._prune_and_project(rows, self._encode(rows, [r.media_key for r in requests]))
-        return assemble_batch(rows, streams, self.lm.embed_tokens, self.adapter.placeholder_ids)
+        return self._assemble(rows, streams)
 
     def pruned_prompt_length(self, row: RowInputs) -> int:
         """Prompt tokens entering the language model after pre-LLM pruning (for batch sizing)."""
@@ -147,7 +147,7 @@ class Engine:
         streams, vision_flops = self._prune_and_project(rows, segments)
         times["prune"] += time.perf_counter() - t
 
-        batch = assemble_batch(rows, streams, self.lm.embed_tokens, self.adapter.placeholder_ids)
+        batch = self._assemble(rows, streams)
         out = self.decoder.generate(
             self.model, batch, self.layer_plan, self.twig, self._in_llm_pruning(batch), self._sampler(requests)
         )
@@ -211,21 +211,14 @@ class Engine:
                 indices, tokens = selections[id(seg)]
                 row_streams.append(self.adapter.assemble(media, seg, indices, self.adapter.project(tokens)))
                 row_flops += accounting.vision_flops(self.adapter, media, seg, tokens.shape[1], sharing[id(seg)])
-            if self.selector.keeps_everything:
-                self._check_unpruned_count(row, row_streams)
             streams.append(row_streams)
             flops.append(row_flops)
         return streams, flops
 
-    def _check_unpruned_count(self, row: RowInputs, row_streams: list[Stream]) -> None:
-        """Unpruned, each stream must fill its placeholder run exactly (as HF checks)."""
-        runs = placeholder_spans(row.input_ids, self.adapter.placeholder_ids, row.media)
-        for (start, end), stream in zip(runs, row_streams, strict=True):
-            if end - start != stream.embeds.shape[0]:
-                raise ValueError(
-                    f"{end - start} placeholder tokens but {stream.embeds.shape[0]} visual features: "
-                    "the processor and the model disagree"
-                )
+    def _assemble(self, rows: list[RowInputs], streams: list[list[Stream]]) -> PromptBatch:
+        # Unpruned, each stream must fill its placeholder run exactly (checked where the runs are found).
+        embed, placeholders = self.lm.embed_tokens, self.adapter.placeholder_ids
+        return assemble_batch(rows, streams, embed, placeholders, unpruned=self.selector.keeps_everything)
 
     def _in_llm_pruning(self, batch: PromptBatch) -> InLLMPruning | None:
         """The in-LLM method's scores and each row's visual-token keep count (budget x segments;
