@@ -1,15 +1,31 @@
-"""The job's command lines: ``caption`` (jobs/caption.py, console script ``vlm-caption``) and ``videoqa``
-(jobs/videoqa.py, ``vlm-videoqa``). Each prints its own usage text below with ``--help``.
+"""The job's command lines: ``vlm-batch caption|videoqa|validate`` (also ``jobs/caption.py``,
+``jobs/videoqa.py``, ``vlm-caption``, ``vlm-videoqa``). Each prints its own usage with ``--help``.
+
+Every outcome has one exit status (``EXIT_*`` below, tabled in the README) and, when it is not
+success, one ``error:`` line on stderr naming the cause and the next step; a failure nobody
+foresaw also writes its traceback to a log file whose path that line gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from pipeline.config import Config, ConfigError, load_config
+
+EXIT_OK = 0  # every item has exactly one row for this config
+EXIT_USAGE = 2  # bad command line, config, input, output or model: found before any work, nothing written
+EXIT_INCOMPLETE = 3  # the run ended but the output is not exactly one row per item: rerun to fill the gaps
+EXIT_FAILED = 4  # the run stopped on an error (details in the log file); committed parts are kept: rerun to resume
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT; committed parts are kept: rerun to resume
 
 CAPTION_USAGE = """Caption images and videos, or answer questions about them, into Parquet.
 
@@ -20,6 +36,10 @@ Overrides are dotted config keys, e.g. ``pruning.method=vispruner pruning.budget
 The config, the input, the output and the model are checked before any cluster work; a problem
 exits with status 2 and one message naming it. Rerunning the same command skips items already
 written for the same config, so a killed or scheduled run just picks up where it stopped.
+``--dry-run`` does every check and says what a run would do, without Ray and without writing.
+
+exit status: 0 done; 2 bad config/input/output/model (nothing written); 3 output not one row
+per item (rerun); 4 the run stopped on an error (log file named; rerun resumes); 130 interrupted.
 """
 
 VIDEOQA_USAGE = """Answer the questions of a VideoQA annotation file and score them.
@@ -35,49 +55,196 @@ question types of accuracy ÷ the unpruned accuracy. ``--predictions`` writes Vi
 """
 
 
-def parse_args(
-    argv: list[str] | None, description: str = CAPTION_USAGE, parents: tuple[argparse.ArgumentParser, ...] = ()
-) -> tuple[Config, argparse.Namespace]:
+def job_parser(description: str, prog: str | None = None, parents: tuple[argparse.ArgumentParser, ...] = ()):
+    """The options every job command shares."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents)
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents)
     )
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("--input", help="input URI: prefix/directory, manifest or annotation file (input.uri)")
     parser.add_argument("--output", help="output directory or prefix for Parquet parts (output.uri)")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="print N rows of this config's output")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything and print what a run would do (items to do, model, visual tokens); no Ray, no writes",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(
+    argv: list[str] | None,
+    description: str = CAPTION_USAGE,
+    parents: tuple[argparse.ArgumentParser, ...] = (),
+    prog: str | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    args = job_parser(description, prog, parents).parse_args(argv)
+    return config_from_args(args), args
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    # --input/--output come after the key=value overrides, so they win; their source is named as such.
     overrides = list(args.overrides)
     if args.input:
         overrides.append(f"input.uri={args.input}")
     if args.output:
         overrides.append(f"output.uri={args.output}")
     # Values are YAML-parsed; URIs must stay strings even if they look like numbers.
-    overrides = [_quote_uri(o) for o in overrides]
-    return load_config(args.config, overrides), args
+    return load_config(args.config, [_quote_uri(o) for o in overrides])
 
 
 def _quote_uri(text: str) -> str:
     key, _, value = text.partition("=")
-    if key.strip() in ("input.uri", "output.uri", "model.path", "input.media_prefix", "input.answers_uri"):
+    if value.strip() in ("", "null", "~"):  # YAML's "unset": output.uri=null must not mean a folder ./null
+        return text
+    if key.strip() in (
+        "input.uri",
+        "output.uri",
+        "model.path",
+        "input.media_prefix",
+        "input.answers_uri",
+        "decode.twig",
+    ):
         escaped = value.replace("'", "''")
         return f"{key}='{escaped}'"
     return text
 
 
-def caption_main(argv: list[str] | None = None) -> int:
-    from pipeline.run import main_exit_code, run
+# --- outcomes: one exit status and one line each
+
+
+def guarded(job: Callable[[], int]) -> int:
+    """Run ``job`` (which returns an exit status); turn whatever escapes into one line and a status.
+
+    Errors raised while preparing (config, input, output, model: ``PreWorkError``) are the user's to
+    fix: status 2. Anything else stopped a run: status 4, with the traceback in a log file.
+    """
+    try:
+        return job()
+    except PreWorkError as e:
+        print(f"error: {e.cause}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; parts already written are kept; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
+        log = write_failure_log(e)
+        print(
+            f"error: the run stopped: {short_cause(e)}; parts already written are kept, rerun the same command "
+            f"to resume (details: {log})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+class PreWorkError(Exception):
+    """A problem found before any work (status 2); ``cause`` is the one-line message."""
+
+    def __init__(self, cause: BaseException | str):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def before_work(step: Callable[[], object]) -> object:
+    """Run a preparation step; its expected failures become ``PreWorkError`` (status 2)."""
     from pipeline.sources import SourceError
 
     try:
-        config, args = parse_args(argv)
-        summary = run(config)
-    except (ConfigError, SourceError, PermissionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return step()
+    except (ConfigError, SourceError, OSError, UnicodeError) as e:  # storage and file checks raise OSErrors
+        raise PreWorkError(one_line(e)) from e
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an expected error, one line (config errors list problems on indented lines)."""
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, ConfigError):  # "invalid config:" then one indented line per problem
+        head, *problems = [line.strip() for line in text.splitlines() if line.strip()]
+        return f"{head} {'; '.join(problems)}" if problems else head
+    if isinstance(error, OSError) and not isinstance(error, (PermissionError, FileNotFoundError, ConnectionError)):
+        text = f"{type(error).__name__}: {text}" if error.errno is None else text
+    return text.splitlines()[0]
+
+
+def short_cause(error: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (Ray wraps an actor's exception in its own)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[-1].strip() if lines else ""
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def log_dir() -> Path:
+    return Path(os.environ.get("VLM_LOG_DIR") or Path.home() / ".cache" / "vlm-batch" / "logs")
+
+
+def write_failure_log(error: BaseException) -> Path:
+    """The command, the time and the full traceback, in a file of its own; returns its path."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    directory = log_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{stamp}-{os.getpid()}.log"
+        text = "".join(traceback.format_exception(error))
+        path.write_text(f"command: {' '.join(sys.argv)}\ntime: {stamp}\n\n{text}")
+        return path
+    except OSError:  # no writable log folder: the traceback goes to stderr after all
+        traceback.print_exception(error)
+        return Path("<stderr above>")
+
+
+# --- caption
+
+
+def caption_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``jobs/caption.py`` / ``vlm-batch caption``."""
+    return guarded(lambda: _caption(job_parser(CAPTION_USAGE, prog).parse_args(argv)))
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from pipeline.run import execute, prepare
+
+    config = before_work(lambda: config_from_args(args))
+    if args.print_config:
+        print_config(config)
+        return EXIT_OK
+    prepared = before_work(lambda: prepare(config))
+    if args.dry_run:
+        print_dry_run(prepared)
+        return EXIT_OK
+    summary = execute(prepared)
     if args.show:
         show_rows(config, args.show)
+    return exit_status(summary)
+
+
+def exit_status(summary) -> int:
+    from pipeline.run import main_exit_code
+
     return main_exit_code(summary)
+
+
+def print_config(config: Config) -> None:
+    """The config as the run would use it, secrets left out, as YAML that ``--config`` accepts."""
+    data = config.model_dump(mode="json", exclude={"storage": {"key", "secret"}})
+    print(f"# config fingerprint {config.fingerprint()}")
+    print(yaml.safe_dump(data, sort_keys=False), end="")
+
+
+def print_dry_run(prepared) -> None:
+    """What a run of this command would do; nothing is started or written."""
+    from pipeline.run import describe
+
+    for line in describe(prepared):
+        print(line)
 
 
 def show_rows(config: Config, count: int) -> None:
@@ -126,21 +293,29 @@ def score(rows: list[dict]) -> dict[str, float]:
     return accuracy_by_type((r["question_type"] or "all", is_correct(r["text"], r["answer"])) for r in rows)
 
 
-def videoqa_main(argv: list[str] | None = None) -> int:
-    from evaluation.scoring import relative_accuracy
-    from pipeline.run import main_exit_code, run
-    from pipeline.sources import SourceError
+def videoqa_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``jobs/videoqa.py`` / ``vlm-batch videoqa``: the caption job with task=qa, then scored."""
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--baseline", help="output URI of an unpruned run of the same config")
+    extra.add_argument("--predictions", type=Path, help="write Video-LLaVA-style prediction JSON lines here")
+    parser = job_parser(VIDEOQA_USAGE, prog, parents=(extra,))
+    return guarded(lambda: _videoqa(parser.parse_args(argv)))
 
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--baseline", help="output URI of an unpruned run of the same config")
-    parser.add_argument("--predictions", type=Path, help="write Video-LLaVA-style prediction JSON lines here")
-    extra, rest = parser.parse_known_args(argv)
-    try:
-        config, _ = parse_args([*rest, "task=qa"], VIDEOQA_USAGE, parents=(parser,))
-        summary = run(config)
-    except (ConfigError, SourceError, PermissionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _videoqa(args: argparse.Namespace) -> int:
+    from evaluation.scoring import relative_accuracy
+    from pipeline.run import execute, prepare
+
+    args.overrides = [*args.overrides, "task=qa"]
+    config = before_work(lambda: config_from_args(args))
+    if args.print_config:
+        print_config(config)
+        return EXIT_OK
+    prepared = before_work(lambda: prepare(config))
+    if args.dry_run:
+        print_dry_run(prepared)
+        return EXIT_OK
+    summary = execute(prepared)
     rows = rows_for(config.output.uri, config.fingerprint(), config)
     unanswerable = [r for r in rows if r["answer"] is None]
     if unanswerable:
@@ -151,12 +326,12 @@ def videoqa_main(argv: list[str] | None = None) -> int:
     for qtype, value in accuracy.items():
         print(f"  {qtype:<12} {value:.3f}")
     report = {"config_fingerprint": config.fingerprint(), "questions": len(scored), "accuracy": accuracy}
-    if extra.baseline:
+    if args.baseline:
         fingerprint = unpruned_fingerprint(config)
-        base_rows = [r for r in rows_for(extra.baseline, fingerprint, config) if r["answer"] is not None]
+        base_rows = [r for r in rows_for(args.baseline, fingerprint, config) if r["answer"] is not None]
         if not base_rows:
-            print(f"error: no unpruned rows (config {fingerprint}) under {extra.baseline}", file=sys.stderr)
-            return 2
+            print(f"error: no unpruned rows (config {fingerprint}) under {args.baseline}", file=sys.stderr)
+            return EXIT_USAGE
         base_ids = {r["item_id"] for r in base_rows}
         common = [r for r in scored if r["item_id"] in base_ids]
         baseline = score(base_rows)
@@ -164,11 +339,62 @@ def videoqa_main(argv: list[str] | None = None) -> int:
         rel = relative_accuracy(method, baseline)
         report.update(baseline_accuracy=baseline, rel_acc=rel, baseline_questions=len(base_rows))
         print(f"RelAcc vs unpruned ({len(base_rows)} questions): {rel:.3f}")
-    if extra.predictions:
-        with extra.predictions.open("w") as f:
+    if args.predictions:
+        with args.predictions.open("w") as f:
             for r in scored:
                 record = {"id": r["item_id"], "question": r["question"], "answer": r["answer"], "pred": r["text"]}
                 f.write(json.dumps(record) + "\n")
-        print(f"predictions: {extra.predictions}")
+        print(f"predictions: {args.predictions}")
     print(json.dumps(report))
-    return main_exit_code(summary)
+    return exit_status(summary)
+
+
+# --- validate, and the one command that holds them all
+
+VALIDATE_USAGE = """Check a config file (and overrides) without touching storage or the model.
+
+    vlm-batch validate configs/demo.yaml [key=value ...]
+
+Prints the fingerprint on success (status 0); one line naming the bad key on failure (status 2).
+Use ``vlm-batch caption --config X --dry-run`` to also check the input, the output and the model.
+"""
+
+
+def validate_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``vlm-batch validate CONFIG [key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=VALIDATE_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    args = parser.parse_args(argv)
+
+    def job() -> int:
+        config = before_work(lambda: load_config(args.config, [_quote_uri(o) for o in args.overrides]))
+        print(f"ok: {args.config} is a valid config (fingerprint {config.fingerprint()})")
+        return EXIT_OK
+
+    return guarded(job)
+
+
+COMMANDS = {
+    "caption": (caption_main, "caption images and videos, or answer questions about them, into Parquet"),
+    "videoqa": (videoqa_main, "answer a VideoQA annotation file's questions and score them"),
+    "validate": (validate_main, "check a config file without running anything"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vlm-batch COMMAND ...``: each command has its own ``--help``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: vlm-batch COMMAND [options]   (vlm-batch COMMAND --help for each)", "", "commands:"]
+        lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+        unknown = argv and argv[0] not in ("-h", "--help")
+        print("\n".join(lines), file=sys.stderr if unknown else sys.stdout)
+        if unknown:
+            print(f"error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_OK if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    return COMMANDS[command][0](rest, prog=f"vlm-batch {command}")

@@ -292,19 +292,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    from_command_line: dict[str, str] = {}
     for text in overrides:
-        apply_override(data, *parse_override(text))
+        key, value = parse_override(text)
+        apply_override(data, key, value)
+        from_command_line[".".join(key)] = text
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(describe_validation_error(e, source=str(path) if path else "overrides")) from None
+        raise ConfigError(describe_validation_error(e, str(path) if path else None, from_command_line)) from None
 
 
-def describe_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem: ``pruning.method: Input should be 'none', 'vispruner', ... (got 'x')``."""
+def describe_validation_error(
+    error: ValidationError, path: str | None = None, from_command_line: dict[str, str] | None = None
+) -> str:
+    """One line per problem, naming where the bad value came from:
+    ``pruning.budget: Input should be a valid integer (got 'abc'; from the command line: pruning.budget=abc)``."""
+    from_command_line = from_command_line or {}
     lines = []
     for problem in error.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "top level"
+        origin = _origin(key, path, from_command_line)
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             parent = _section_for(problem["loc"][:-1])
@@ -312,12 +320,28 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
                 parent.model_fields
             )
         elif "input" in problem and problem["type"] != "value_error":
-            message += f" (got {problem['input']!r})"
-        elif not problem["loc"]:  # the engine's rules (Config._engine_rules): the message names its key
+            message += f" (got {problem['input']!r}; {origin})"
+        elif not problem["loc"]:  # the engine's rules (Config._engine_rules): the message starts with its key
+            named = message.split(":", 1)[0] if ":" in message else ""
+            if named and " " not in named:
+                message += f" ({_origin(named, path, from_command_line)})"
             lines.append(message)
             continue
+        else:
+            message += f" ({origin})"
         lines.append(f"{key}: {message}")
-    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _origin(key: str, path: str | None, from_command_line: dict[str, str]) -> str:
+    """Where a key's value came from: the command line override that set it (or a section above
+    it), else the YAML file, else the default."""
+    parts = key.split(".")
+    for depth in range(len(parts), 0, -1):
+        text = from_command_line.get(".".join(parts[:depth]))
+        if text is not None:
+            return f"from the command line: {text}"
+    return f"from {path}" if path else "the default"
 
 
 def _section_for(loc: tuple) -> type[BaseModel]:

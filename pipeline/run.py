@@ -82,10 +82,14 @@ def options_for(uri: str, config: Config) -> dict:
 
 
 def preflight(config: Config) -> None:
-    """Fail fast, before Ray starts: paths set, input readable, output writable, model present."""
+    """Fail fast, before Ray starts: paths set, output writable (nothing created), input readable,
+    model present. Raises ConfigError, SourceError or OSError with one line naming the problem."""
     config.require_paths()
+    try:
+        storage.check_access(config.output.uri, options_for(config.output.uri, config), write=True)
+    except (NotADirectoryError, FileExistsError, PermissionError) as e:
+        raise ConfigError(f"output.uri: {e}") from None
     storage.check_access(config.input.uri, options_for(config.input.uri, config))
-    storage.check_access(config.output.uri, options_for(config.output.uri, config), write=True)
     model = config.model.path
     if "://" in model and not model.startswith("file://"):
         storage.check_access(model, options_for(model, config))
@@ -169,20 +173,44 @@ def build_plan(work: list[dict], config: Config, run_id: str):
     )
 
 
-def run(config: Config, log=print) -> Summary:
-    """Run the job described by ``config``; returns (and writes under _runs/) its summary."""
+@dataclass
+class Prepared:
+    """What a run will do, found on the driver before any cluster work (``prepare``)."""
+
+    config: Config
+    run_id: str
+    fingerprint: str
+    work: list[dict]  # every work row of the input
+    done: set[str]  # item ids already written for this config
+    todo: list[dict]  # work rows still to do, grouped by media type
+    model: object | None = None  # what preflight learnt of the model (pipeline.models.ModelInfo)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"total": len(self.work), "done": len(self.work) - len(self.todo), "todo": len(self.todo)}
+
+
+def prepare(config: Config) -> Prepared:
+    """Preflight checks, the work rows and the resume set: everything a run knows before Ray starts.
+    Reads only; nothing is written. Raises ConfigError, SourceError or OSError."""
     preflight(config)
-    run_id = new_run_id()
     fingerprint = config.fingerprint()
-    out_options = options_for(config.output.uri, config)
     work = load_work_rows(config, options_for(config.input.uri, config))
-    done = output.completed_items(config.output.uri, fingerprint, out_options)
+    done = output.completed_items(config.output.uri, fingerprint, options_for(config.output.uri, config))
     # Grouped by media type, so engine batches hold prompts of similar length (images apart from videos).
     todo = sorted((row for row in work if row["item_id"] not in done), key=lambda row: row["media_type"] or "")
-    summary = Summary(run_id, config.output.uri, fingerprint, len(work), len(work) - len(todo))
+    return Prepared(config, new_run_id(), fingerprint, work, {r["item_id"] for r in work} & done, todo)
+
+
+def execute(prepared: Prepared, log=print) -> Summary:
+    """Run what ``prepare`` found: Ray starts only when there is work. Returns (and writes under
+    _runs/) the summary."""
+    config, work, todo, run_id = prepared.config, prepared.work, prepared.todo, prepared.run_id
+    out_options = options_for(config.output.uri, config)
+    summary = Summary(run_id, config.output.uri, prepared.fingerprint, len(work), len(work) - len(todo))
     log(
         f"run {run_id}: {len(work)} items from {config.input.uri}; {summary.items_skipped} already in "
-        f"{config.output.uri} for config {fingerprint}; {len(todo)} to do"
+        f"{config.output.uri} for config {prepared.fingerprint}; {len(todo)} to do"
     )
     start = time.perf_counter()
     if todo:
@@ -194,6 +222,57 @@ def run(config: Config, log=print) -> Summary:
     for line in summary.lines():
         log(line)
     return summary
+
+
+def describe(prepared: Prepared) -> list[str]:
+    """What a run would do (``--dry-run``): the lines printed, nothing started or written."""
+    config, counts = prepared.config, prepared.counts
+    kinds = Counter(row["media_type"] or "unknown type" for row in prepared.work)
+    media = ", ".join(
+        f"{n} {kind}{'s' if n != 1 and kind != 'unknown type' else ''}" for kind, n in sorted(kinds.items())
+    )
+    engine = config.to_engine_config()
+    lines = [
+        "dry run: everything checked; nothing started, nothing written",
+        f"config: fingerprint {prepared.fingerprint}; task {config.task}, pruning {engine.pruning_method}"
+        + (f" (budget {engine.budget} {engine.budget_unit})" if engine.budget is not None else "")
+        + f", decode {engine.decode_strategy}, max {engine.max_new_tokens} new tokens",
+        f"input: {config.input.uri}: {counts['total']} items ({media or 'none'})",
+        f"output: {config.output.uri}: {counts['done']} already done for this config, {counts['todo']} to do",
+    ]
+    lines.extend(describe_model(prepared))
+    compute = config.compute
+    lines.append(
+        f"a run would start Ray with {compute.actors} inference actor(s) x {compute.gpus_per_actor:g} GPU, "
+        f"batches of {compute.batch_size}"
+        if counts["todo"]
+        else "a run would not start Ray: nothing to do"
+    )
+    return lines
+
+
+def describe_model(prepared: Prepared) -> list[str]:
+    """The model line of a dry run: its type and visual tokens per item, before and after pruning."""
+    config, info = prepared.config, prepared.model
+    if info is None:
+        return [f"model: {config.model.path}"]
+    per_image = getattr(info, "visual_tokens_per_image", None)
+    line = f"model: {config.model.path}: model_type {info.model_type}"
+    if per_image:
+        frames = config.media.num_frames
+        line += f"; visual tokens per image {per_image}, per video {frames} frames x {per_image} = {frames * per_image}"
+        engine = config.to_engine_config()
+        if engine.budget is not None and engine.budget_unit == "kept":
+            line += f"; pruning keeps {min(engine.budget, per_image)} per image/frame"
+    twig = getattr(info, "twig", None) or config.decode.twig
+    if twig and config.to_engine_config().needs_twig:
+        line += f"; twig {twig}"
+    return [line]
+
+
+def run(config: Config, log=print) -> Summary:
+    """Run the job described by ``config`` (the Python API: ``run(load_config(path, overrides))``)."""
+    return execute(prepare(config), log)
 
 
 def consume(ds, summary: Summary) -> Summary:

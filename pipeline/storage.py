@@ -210,8 +210,10 @@ def check_access(uri: str, options: dict | None = None, write: bool = False) -> 
     s3: checks the credentials and that the bucket exists with one ListObjectsV2 call (the prefix itself may still
     be empty, e.g. a new output prefix). Wrong credentials raise PermissionError, a missing bucket
     FileNotFoundError, an unreachable endpoint ConnectionError: one message naming the URI and the endpoint,
-    never the secret. Local paths must exist unless ``write`` (then the directory is created).
-    ``write=True`` also writes and deletes a small ``_probe-*`` object under the URI.
+    never the secret. Local paths must exist unless ``write``; a local output is checked without
+    creating anything (it is created when there is work): an existing file there raises
+    NotADirectoryError, a folder that cannot be written PermissionError. Other ``write=True`` checks
+    write and delete a small ``_probe-*`` object under the URI.
     """
     options = options or {}
     fs, path = open_fs(uri, options)
@@ -219,13 +221,36 @@ def check_access(uri: str, options: dict | None = None, write: bool = False) -> 
         _check_s3(uri, fs, path, options, write)
         return
     if _is_local(fs) and write:
-        os.makedirs(path, exist_ok=True)
-    elif not write and not fs.exists(path):
+        _check_local_output(uri, path)
+        return
+    if not write and not fs.exists(path):
         raise FileNotFoundError(f"{uri} does not exist")
     if write:
         probe = join(uri, f"_probe-{uuid.uuid4().hex}")
         write_bytes_atomic(probe, b"probe", options)
         delete(probe, options)
+
+
+def _check_local_output(uri: str, path: str) -> None:
+    """A local output folder can be created and written: it is a folder (or does not exist yet) and
+    the folder itself or its nearest existing parent is writable. Nothing is created."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(
+            f"output {uri} is an existing file; give a folder (new or existing) for the Parquet parts"
+        )
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"output {uri} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise PermissionError(f"output {uri} {what}")
+    if existing == path:  # an existing folder: prove a write lands (a full or read-only disk fails here)
+        probe = os.path.join(path, f"_probe-{uuid.uuid4().hex}")
+        write_bytes_atomic(probe, b"probe")
+        os.unlink(probe)
 
 
 def _check_s3(uri: str, fs, path: str, options: dict, write: bool) -> None:
