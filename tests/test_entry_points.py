@@ -18,8 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted((ROOT / "jobs").glob("*.py"))
 
 
+# Console scripts with no script in jobs/: `vlm-batch COMMAND` dispatches to the jobs' mains.
+UMBRELLA = {"vlm-batch": "pipeline.cli:main"}
+
+
 def console_scripts() -> dict[str, str]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    """The console scripts that mirror a script in jobs/."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {k: scripts.get(k) for k in UMBRELLA} == UMBRELLA
+    return {k: v for k, v in scripts.items() if k not in UMBRELLA}
 
 
 def imported_main(script: Path) -> str:
