@@ -35,7 +35,7 @@ def test_every_shipped_config_validates(path):
         (["pruning.budgt=3"], "unknown key 'pruning.budgt': pruning has method, budget"),
         (["nope=1"], "unknown key 'nope': top level has task, input"),
         (["pruning.method=fastv", "pruning.budget=null"], "pruning.budget: required when pruning.method is 'fastv'"),
-        (["task=translate"], "task: Input should be 'caption' or 'qa' (got 'translate')"),
+        (["task=translate"], "task: Input should be 'caption' or 'qa' (got 'translate'; from the command line: task=translate)"),
         (["decode.strategy=beam"], "decode.strategy: unknown decode strategy 'beam'; allowed: greedy, ssd"),
         (
             ["decode.strategy=ssd"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -178,3 +179,49 @@ def test_wrong_credentials_fail_before_cluster_work(s3_server, tmp_path):
     assert "not-the-secret-123" not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def readme_walkthrough() -> str:
+    """The bash block between the walkthrough markers of README.md."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- walkthrough:start -->", 1)[1].split("<!-- walkthrough:end -->", 1)[0]
+    return block.split("```bash\n", 1)[1].rsplit("```", 1)[0]
+
+
+def project_copy(target: Path) -> Path:
+    """The repository's files as a fresh clone has them (tracked and untracked, not ignored), plus
+    `.venv/bin` of the environment running the tests: a checkout where `make demo` has run."""
+    names = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    for name in filter(None, names.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    # A real .venv folder (so `.venv/` in .gitignore keeps it out of the upload) whose bin/ is ours.
+    (target / ".venv").mkdir()
+    (target / ".venv" / "bin").symlink_to(BIN)
+    return target
+
+
+def test_readme_walkthrough_runs_command_for_command(tmp_path):
+    """README's local `ray job submit` walkthrough, run as written in a copy of the project, with a
+    fresh home (so no ~/.ray/auth_token exists yet, as on a new machine)."""
+    project = project_copy(tmp_path / "vlm-batch")
+    write_corpus(str(project / "demo_out" / "corpus"), seed=41, n_images=2, n_videos=1)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PATH=os.environ["PATH"].replace(f"{BIN}:", ""), RAY_USAGE_STATS_ENABLED="0")
+    script = "set -euo pipefail\n" + readme_walkthrough()
+    try:
+        done = subprocess.run(["bash", "-c", script], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+    assert "ok 3, error 0" in done.stdout
+    rows = read_output(str(project / "demo_out" / "captions-job")).to_pylist()
+    assert len(rows) == 3 and all(r["status"] == "ok" and r["text"] for r in rows)
+    assert (home / ".ray" / "auth_token").exists()

@@ -229,7 +229,19 @@ def test_check_access_local(tmp_path):
         storage.check_access(str(tmp_path / "missing"))
     out = tmp_path / "new" / "out"
     storage.check_access(str(out), write=True)
-    assert out.is_dir() and list(out.iterdir()) == []
+    assert not (tmp_path / "new").exists()  # checked, not created: the run creates it when there is work
+    out.mkdir(parents=True)
+    storage.check_access(str(out), write=True)
+    assert list(out.iterdir()) == []  # the probe is gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is an existing file"):
+        storage.check_access(str(tmp_path / "file"), write=True)
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        storage.check_access(str(tmp_path / "file" / "out"), write=True)
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        with pytest.raises(PermissionError, match="not writable"):
+            storage.check_access(str(tmp_path / "locked" / "out"), write=True)
 
 
 @pytest.fixture
