@@ -214,3 +214,22 @@ def test_a_run_that_stops_gives_one_line_a_status_and_a_log(raised, corpus, tmp_
     log = Path(err[0].rsplit("details: ", 1)[1].rstrip(")"))
     assert log.parent == tmp_path / "logs"
     assert "RuntimeError: the inference stage failed" in log.read_text() and "Traceback" in log.read_text()
+
+
+def test_unreachable_object_store_exits_2_with_one_line(tmp_path):
+    done = job(
+        "--config",
+        "configs/demo.yaml",
+        "--input",
+        "s3://corpus-bucket/images/",
+        "--output",
+        str(tmp_path / "out"),
+        "storage.endpoint_url=http://127.0.0.1:9",  # nothing listens on the discard port
+        AWS_ACCESS_KEY_ID="test-key",
+        AWS_SECRET_ACCESS_KEY="test-secret-4321",
+    )
+    assert done.returncode == cli.EXIT_USAGE
+    line = error_line(done)
+    assert "s3://corpus-bucket/images/" in line and "http://127.0.0.1:9" in line
+    assert "test-secret-4321" not in done.stderr + done.stdout
+    assert not (tmp_path / "out").exists()
