@@ -23,7 +23,7 @@ import pyarrow as pa
 from pipeline import output, storage
 from pipeline.config import Config, ConfigError
 from pipeline.schema import WORK_FIELDS
-from pipeline.sources import load_work_rows
+from pipeline.sources import check_input, load_work_rows
 from pipeline.write import write_batch
 
 
@@ -84,7 +84,7 @@ def options_for(uri: str, config: Config) -> dict:
 def preflight(config: Config) -> None:
     """Fail fast, before Ray starts: paths set, input readable, output writable, model present."""
     config.require_paths()
-    storage.check_access(config.input.uri, options_for(config.input.uri, config))
+    check_input(config, options_for(config.input.uri, config))
     storage.check_access(config.output.uri, options_for(config.output.uri, config), write=True)
     model = config.model.path
     if "://" in model and not model.startswith("file://"):
