@@ -23,7 +23,7 @@ import pyarrow as pa
 from pipeline import output, storage
 from pipeline.config import Config, ConfigError
 from pipeline.schema import WORK_FIELDS
-from pipeline.sources import load_work_rows
+from pipeline.sources import check_input, load_work_rows
 from pipeline.write import write_batch
 
 
@@ -89,7 +89,7 @@ def preflight(config: Config) -> None:
         storage.check_access(config.output.uri, options_for(config.output.uri, config), write=True)
     except (NotADirectoryError, FileExistsError, PermissionError) as e:
         raise ConfigError(f"output.uri: {e}") from None
-    storage.check_access(config.input.uri, options_for(config.input.uri, config))
+    check_input(config, options_for(config.input.uri, config))
     model = config.model.path
     if "://" in model and not model.startswith("file://"):
         storage.check_access(model, options_for(model, config))

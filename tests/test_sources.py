@@ -59,8 +59,11 @@ def test_manifest_formats(tmp_path, fmt):
         ("one", str(tmp_path / "media/x.jpg"), "what colour?"),  # relative to the manifest
         ("two", "/abs/y.mp4", "how many?"),
     ]
-    captions = load_work_rows(config(path))
-    assert [r["item_id"] for r in captions] == ["/abs/y.mp4", str(tmp_path / "media/x.jpg")]
+    captions = load_work_rows(config(path))  # the id column keys captions too
+    assert [(r["item_id"], r["uri"], r["question"]) for r in captions] == [
+        ("one", str(tmp_path / "media/x.jpg"), None),
+        ("two", "/abs/y.mp4", None),
+    ]
 
 
 def test_manifest_without_ids_gets_stable_distinct_ids(tmp_path):
