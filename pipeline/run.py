@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 
 from pipeline import output, storage
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
+from pipeline.models import ModelInfo, check_model
 from pipeline.schema import WORK_FIELDS
 from pipeline.sources import load_work_rows
 from pipeline.write import write_batch
@@ -81,16 +82,18 @@ def options_for(uri: str, config: Config) -> dict:
     return storage.fsspec_options(uri, **config.storage.model_dump())
 
 
-def preflight(config: Config) -> None:
-    """Fail fast, before Ray starts: paths set, input readable, output writable, model present."""
+def preflight(config: Config) -> ModelInfo:
+    """Fail fast, before Ray starts: paths set, input readable, model runnable, output writable.
+
+    The model check (``pipeline.models.check_model``) may set ``config.decode.twig`` to the model's
+    ``twig/`` (object-store and hub models), so it runs before the fingerprint is taken; it runs
+    before the output probe too, which creates a local output directory. Returns its ``ModelInfo``.
+    """
     config.require_paths()
     storage.check_access(config.input.uri, options_for(config.input.uri, config))
+    model = check_model(config)
     storage.check_access(config.output.uri, options_for(config.output.uri, config), write=True)
-    model = config.model.path
-    if "://" in model and not model.startswith("file://"):
-        storage.check_access(model, options_for(model, config))
-    elif not os.path.exists(os.path.join(model.removeprefix("file://"), "config.json")):
-        raise ConfigError(f"model.path: {model} is not a checkpoint directory (no config.json)")
+    return model
 
 
 def init_ray(config: Config) -> None:
