@@ -195,14 +195,12 @@ def local_twig(twig: str, cache_dir: str | Path | None = None) -> str:
 def hub_error(source: ModelSource, error: Exception, key: str = "model.path", hint: str | None = None) -> ConfigError:
     """One line for a failed hub access: what went wrong and what to do instead.
 
-    ``hint``: ``model.path`` as written; a plain ``org/name`` is said to have been read as a hub id
-    because no such local directory exists (a mistyped relative path lands here).
+    ``hint``: ``model.path`` as written; when the hub has no such repo, a plain ``org/name`` is said
+    to have been read as a hub id because no such local directory exists (a mistyped relative path).
     """
     from huggingface_hub import errors
 
     name = source.hub_name
-    if hint and not hint.startswith("hf://"):
-        name += f" (no local directory {hint} exists, so it was read as a hub id)"
     endpoint = hub_endpoint() or DEFAULT_ENDPOINT
     if isinstance(error, errors.GatedRepoError):
         return ConfigError(f"{key}: {name} is gated on {endpoint}: accept its terms there and set HF_TOKEN")
@@ -212,6 +210,8 @@ def hub_error(source: ModelSource, error: Exception, key: str = "model.path", hi
             "name an existing branch, tag or commit after @"
         )
     if isinstance(error, errors.RepositoryNotFoundError):
+        if hint and not hint.startswith("hf://"):
+            name += f" (no local directory {hint} exists, so it was read as a hub id)"
         return ConfigError(
             f"{key}: {name}: no such model repo on {endpoint} (private repos need HF_TOKEN); check the name, "
             "or pass a local checkpoint directory or an object-store URI"
