@@ -179,10 +179,13 @@ class Config(_Section):
         # is found here, on the driver, before any cluster work.
         engine = self.to_engine_config()
         if engine.needs_twig and not self.decode.twig:
-            raise ValueError(
-                f"decode.twig is required when decode.strategy is {self.decode.strategy!r} "
-                f"and pruning.method is {self.pruning.method!r} (a trained twig directory or URI)"
-            )
+            # The model folder's twig/ is the default. A local one is set here, so the fingerprint is the one
+            # naming it gives; object-store and hub models get theirs from pipeline.models.check_model (preflight).
+            from pipeline.models import default_twig
+
+            twig = default_twig(self)  # ValueError when a local model has no twig/ folder
+            if twig:
+                self.decode.twig = twig
         return self
 
     def to_engine_config(self) -> EngineConfig:

@@ -1,9 +1,9 @@
 """Inference stage (GPU actor pool): decoded rows in, output rows (schema.SCHEMA) out.
 
-A callable class: the constructor loads the model once per actor (from a local directory or an
-object-store URI, cached on the node), ``__call__`` runs the engine on a batch. Rows that failed
-to decode pass through as error rows; if the engine fails on a batch, each row is retried alone
-so one bad row cannot take its neighbours down with it.
+A callable class: the constructor loads the model once per actor (from a local directory, an
+object-store URI or a Hugging Face hub id, cached on the node), ``__call__`` runs the engine on a
+batch. Rows that failed to decode pass through as error rows; if the engine fails on a batch, each
+row is retried alone so one bad row cannot take its neighbours down with it.
 """
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ class InferenceStage:
         twig = None
         if cfg.decode.twig:
             from operators.twig import load_twig
+            from pipeline.models import local_twig
 
             twig_options = fsspec_options(cfg.decode.twig, **(storage_config or {}))
-            twig = load_twig(cfg.decode.twig, model, storage_options=twig_options)
+            # A hub model's twig (hf://org/name/twig) is in the snapshot load_vlm just fetched.
+            twig = load_twig(local_twig(cfg.decode.twig), model, storage_options=twig_options)
         self.engine = Engine(model, processor, cfg.to_engine_config(), twig=twig)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

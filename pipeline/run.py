@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipeline import output, storage
 from pipeline.config import Config, ConfigError
+from pipeline.models import ModelInfo, check_model
 from pipeline.schema import WORK_FIELDS
 from pipeline.sources import check_input, load_work_rows
 from pipeline.write import write_batch
@@ -81,20 +82,21 @@ def options_for(uri: str, config: Config) -> dict:
     return storage.fsspec_options(uri, **config.storage.model_dump())
 
 
-def preflight(config: Config) -> None:
-    """Fail fast, before Ray starts: paths set, output writable (nothing created), input readable,
-    model present. Raises ConfigError, SourceError or OSError with one line naming the problem."""
+def preflight(config: Config) -> ModelInfo:
+    """Fail fast, before Ray starts: paths set, output writable (checked, not created), input
+    readable, model runnable. Raises ConfigError, SourceError or OSError with one line naming the
+    problem; returns the model's ``ModelInfo``.
+
+    The model check (``pipeline.models.check_model``) may set ``config.decode.twig`` to the model's
+    ``twig/`` (object-store and hub models), so it runs before the fingerprint is taken.
+    """
     config.require_paths()
     try:
         storage.check_access(config.output.uri, options_for(config.output.uri, config), write=True)
     except (NotADirectoryError, FileExistsError, PermissionError) as e:
         raise ConfigError(f"output.uri: {e}") from None
     check_input(config, options_for(config.input.uri, config))
-    model = config.model.path
-    if "://" in model and not model.startswith("file://"):
-        storage.check_access(model, options_for(model, config))
-    elif not os.path.exists(os.path.join(model.removeprefix("file://"), "config.json")):
-        raise ConfigError(f"model.path: {model} is not a checkpoint directory (no config.json)")
+    return check_model(config)
 
 
 def init_ray(config: Config) -> None:
@@ -193,13 +195,13 @@ class Prepared:
 def prepare(config: Config) -> Prepared:
     """Preflight checks, the work rows and the resume set: everything a run knows before Ray starts.
     Reads only; nothing is written. Raises ConfigError, SourceError or OSError."""
-    preflight(config)
+    model = preflight(config)
     fingerprint = config.fingerprint()
     work = load_work_rows(config, options_for(config.input.uri, config))
     done = output.completed_items(config.output.uri, fingerprint, options_for(config.output.uri, config))
     # Grouped by media type, so engine batches hold prompts of similar length (images apart from videos).
     todo = sorted((row for row in work if row["item_id"] not in done), key=lambda row: row["media_type"] or "")
-    return Prepared(config, new_run_id(), fingerprint, work, {r["item_id"] for r in work} & done, todo)
+    return Prepared(config, new_run_id(), fingerprint, work, {r["item_id"] for r in work} & done, todo, model)
 
 
 def execute(prepared: Prepared, log=print) -> Summary:
