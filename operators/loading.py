@@ -76,22 +76,6 @@ def model_family(directory: Path) -> type[FamilyAdapter]:
         raise ValueError(f"{directory}: {e}") from None
 
 
-def checkpoint_directory(
-    source: str | Path, cache_dir: str | Path | None = None, storage_options: dict | None = None
-) -> Path:
-    """The local directory of a checkpoint: a local path as is; an object-store prefix copied into
-    ``cache_dir`` (default DEFAULT_CACHE); a hub id downloaded into the hub cache (``cache_dir`` if given,
-    else ``pipeline.models.hub_cache_dir()``). Which is which: ``pipeline.models.parse_model_path``."""
-    from pipeline.models import HUB, OBJECT_STORE, fetch_hub_model, parse_model_path
-
-    where = parse_model_path(str(source))
-    if where.kind == HUB:
-        return fetch_hub_model(where, cache_dir)
-    if where.kind == OBJECT_STORE:
-        return fetch_checkpoint(where.location, cache_dir, storage_options)
-    return Path(where.location)
-
-
 def load_vlm(
     source: str | Path,
     dtype: torch.dtype | str = "auto",
@@ -99,15 +83,19 @@ def load_vlm(
     cache_dir: str | Path | None = None,
     storage_options: dict | None = None,
 ) -> tuple[nn.Module, object]:
-    """Load (model, processor) from a local directory, an object-store URI (e.g. s3://bucket/llava/) or a
-    Hugging Face hub id (``org/name[@revision]``, ``hf://org/name``), fetched into the node's cache first.
+    """Load (model, processor) from a local directory or an object-store URI (e.g. s3://bucket/llava/).
+    Hugging Face hub ids: ``pipeline.models.checkpoint_directory`` fetches them to a directory first.
 
     The language model runs on SDPA; [CLS] attention comes from a hook (operators.vision), so the
     vision tower needs no eager attention. Only safetensors weights load; remote code never runs.
     """
     import transformers
 
-    directory = checkpoint_directory(source, cache_dir, storage_options)
+    source = str(source)
+    if is_remote(source):
+        directory = fetch_checkpoint(source, cache_dir, storage_options)
+    else:
+        directory = Path(source.removeprefix("file://"))
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} is not a checkpoint directory (no config.json)")
     if not any(directory.glob("*.safetensors")):

@@ -56,6 +56,7 @@ class InferenceStage:
 
         from operators.engine import Engine
         from operators.loading import load_vlm
+        from pipeline.models import checkpoint_directory
         from pipeline.storage import fsspec_options
 
         self.config = cfg = config  # validated once, on the driver (pickled here as it is)
@@ -67,14 +68,15 @@ class InferenceStage:
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
         options = fsspec_options(cfg.model.path, **(storage_config or {}))
-        model, processor = load_vlm(cfg.model.path, dtype=dtype, device=device, storage_options=options)
+        directory = checkpoint_directory(cfg.model.path, storage_options=options)
+        model, processor = load_vlm(directory, dtype=dtype, device=device)
         twig = None
         if cfg.decode.twig:
             from operators.twig import load_twig
             from pipeline.models import local_twig
 
             twig_options = fsspec_options(cfg.decode.twig, **(storage_config or {}))
-            # A hub model's twig (hf://org/name/twig) is in the snapshot load_vlm just fetched.
+            # A hub model's twig (hf://org/name/twig) is in the snapshot just fetched.
             twig = load_twig(local_twig(cfg.decode.twig), model, storage_options=twig_options)
         self.engine = Engine(model, processor, cfg.to_engine_config(), twig=twig)
 

@@ -182,6 +182,22 @@ def fetch_hub_model(
     return Path(directory)
 
 
+def checkpoint_directory(
+    path: str, cache_dir: str | Path | None = None, storage_options: dict | None = None
+) -> Path:
+    """The local directory of ``model.path``: a local path as is; an object-store prefix copied into
+    the node's cache (``operators.loading.fetch_checkpoint``); a hub id downloaded into the hub cache
+    (``cache_dir`` if given, else :func:`hub_cache_dir`). What ``operators.loading.load_vlm`` takes."""
+    where = parse_model_path(str(path))
+    if where.kind == HUB:
+        return fetch_hub_model(where, cache_dir, hint=str(path))
+    if where.kind == OBJECT_STORE:
+        from operators.loading import fetch_checkpoint
+
+        return fetch_checkpoint(where.location, cache_dir, storage_options)
+    return Path(where.location)
+
+
 def local_twig(twig: str, cache_dir: str | Path | None = None) -> str:
     """``decode.twig`` as ``operators.twig.load_twig`` takes it: hub references (``hf://org/name[@rev]/twig``)
     become a directory of the node's hub cache (the model's own download already holds a model's twig/)."""

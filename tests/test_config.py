@@ -35,10 +35,13 @@ def test_every_shipped_config_validates(path):
         (["pruning.budgt=3"], "unknown key 'pruning.budgt': pruning has method, budget"),
         (["nope=1"], "unknown key 'nope': top level has task, input"),
         (["pruning.method=fastv", "pruning.budget=null"], "pruning.budget: required when pruning.method is 'fastv'"),
-        (["task=translate"], "task: Input should be 'caption' or 'qa' (got 'translate'; from the command line: task=translate)"),
+        (
+            ["task=translate"],
+            "task: Input should be 'caption' or 'qa' (got 'translate'; from the command line: task=translate)",
+        ),
         (["decode.strategy=beam"], "decode.strategy: unknown decode strategy 'beam'; allowed: greedy, ssd"),
         (
-            ["decode.strategy=ssd"],
+            ["decode.strategy=ssd", "model.path=/no/such/model"],  # (the demo model ships a twig: the default)
             "decode.twig is required when decode.strategy is 'ssd' and pruning.method is 'vispruner'",
         ),
         (["pruning.budget_unit=rbar"], "pruning.budget_unit: unknown 'rbar'; allowed: kept, layer_mean"),
@@ -46,7 +49,7 @@ def test_every_shipped_config_validates(path):
         (["compute.batch_tokens=0"], "compute.batch_tokens: must be >= 1 or null, got 0"),
         (["decode.max_new_tokens=9000"], "decode.max_new_tokens: must be >= 1 and <= 8192, got 9000"),
         (["decode.max_draft=65"], "decode.max_draft: must be >= 1 and <= 64, got 65"),
-        (["pruning.method=ttp"], "decode.twig is required"),
+        (["pruning.method=ttp", "model.path=/no/such/model"], "decode.twig is required"),
         (["media.num_frames=0"], "media.num_frames: Input should be greater than or equal to 1"),
         (["media.sampling=fps"], "media.fps is required"),
         (["compute.batch_size=many"], "compute.batch_size: Input should be a valid integer"),

@@ -32,6 +32,7 @@ from pipeline.models import (
     TWIG_FORMAT,
     ModelSource,
     check_model,
+    checkpoint_directory,
     local_twig,
     parse_model_path,
 )
@@ -246,7 +247,7 @@ def test_hub_id_passes_with_config_and_file_list_only(hub_env):
 
 def test_load_vlm_downloads_a_revision_without_pickles(hub_env, tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("VLM_MODEL_CACHE", str(tmp_path / "cache"))
-    model, processor = load_vlm("org/tiny@v1")
+    model, processor = load_vlm(checkpoint_directory("org/tiny@v1"))
     original = tiny_models[1][1].state_dict()
     loaded = model.state_dict()
     assert original.keys() == loaded.keys()
@@ -257,7 +258,7 @@ def test_load_vlm_downloads_a_revision_without_pickles(hub_env, tiny_models, tmp
     assert ("GET", "/api/models/org/tiny/revision/v1") in hub_env.log
 
     # main has a pytorch_model.bin beside its safetensors: never requested, never on disk
-    load_vlm("hf://org/tiny")
+    load_vlm(checkpoint_directory("hf://org/tiny"))
     assert not any(path.endswith(".bin") for _, path in hub_env.log)
     assert not list(repo.rglob("*.bin"))
     assert processor is not None
@@ -285,7 +286,7 @@ def test_offline_says_how_to_get_the_model(hub_env, monkeypatch):
 
 
 def test_offline_uses_the_cache_when_the_model_is_there(hub_env, monkeypatch):
-    load_vlm("org/tiny")  # fills HF_HOME's cache
+    load_vlm(checkpoint_directory("org/tiny"))  # fills HF_HOME's cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_env.log.clear()
     assert check_model(config_for("org/tiny")).model_type == "llava"
