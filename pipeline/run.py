@@ -8,6 +8,7 @@ back to the driver. Nothing but the summaries returns to the driver, so memory s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -94,13 +95,21 @@ def preflight(config: Config) -> None:
 
 
 def init_ray(config: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         return
     # Under `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster. Run directly,
     # it joins ray.address, else a live local cluster started by `ray start`, else starts one.
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or live_local_cluster() or "local"
+    if address == "local" and ray is None:
+        # A cluster of our own: Ray turns token authentication on by default and warns on every start
+        # that it did. Choosing it explicitly gives the same cluster without the warning; a user's own
+        # RAY_AUTH_MODE (e.g. disabled) still wins. Ray reads the variable when it is imported, so
+        # only before then (set later, the driver and its new cluster would disagree and not connect).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    # log_to_driver stays on: tracebacks and warnings from decode tasks and actors must reach the user.
     ray.init(address=address, logging_level="WARNING", log_to_driver=True)
 
 
@@ -120,6 +129,26 @@ def live_local_cluster() -> str | None:
         return None
 
 
+def ray_bars_shown(config: Config) -> bool:
+    """Whether Ray Data draws its progress bars: asked for, stdout a terminal (Ray's own test) and
+    stderr one too (the bars go there; in a log file they are noise)."""
+    return config.ray.progress_bars and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def quiet_ray_data_console() -> None:
+    """Keep Ray Data's INFO lines (execution plan, "Total Progress", "execution finished") off the
+    console; they still go to ray-data.log in the session's logs, and warnings and errors still print.
+
+    Only the handler Ray Data's default logging config names "console" is touched, so a user's own
+    RAY_DATA_LOGGING_CONFIG is left as it is.
+    """
+    if os.environ.get("RAY_DATA_LOGGING_CONFIG"):
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
 def build_plan(work: list[dict], config: Config, run_id: str):
     """The Ray Data pipeline over ``work`` (lazy)."""
     import ray
@@ -130,8 +159,12 @@ def build_plan(work: list[dict], config: Config, run_id: str):
 
     compute = config.compute
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = config.ray.progress_bars
-    ctx.enable_operator_progress_bars = config.ray.progress_bars
+    # Ray Data chooses bars or log lines by stdout alone: off a terminal it logs "Total Progress" at INFO
+    # every 10 s, which quiet_ray_data_console keeps in ray-data.log. So bars are switched off only where
+    # Ray would draw them; switched off elsewhere, Ray warns "Progress bars disabled" on every run.
+    ctx.enable_progress_bars = ray_bars_shown(config) or not sys.stdout.isatty()
+    ctx.enable_operator_progress_bars = ctx.enable_progress_bars  # one off and the other on: another warning
+    quiet_ray_data_console()
     blocks = max(1, math.ceil(len(work) / compute.decode_batch_size))
     table = pa.Table.from_pylist(work, schema=pa.schema(WORK_FIELDS))
     storage_config = config.storage.model_dump()
