@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from pipeline import output, storage
 from pipeline.config import Config, ConfigError
+from pipeline.progress import ProgressReporter
 from pipeline.schema import WORK_FIELDS
 from pipeline.sources import load_work_rows
 from pipeline.write import write_batch
@@ -135,6 +136,11 @@ def ray_bars_shown(config: Config) -> bool:
     return config.ray.progress_bars and sys.stdout.isatty() and sys.stderr.isatty()
 
 
+def driver_progress_interval(config: Config) -> float | None:
+    """Seconds between the driver's progress lines; None when Ray Data's bars show progress instead."""
+    return None if ray_bars_shown(config) else config.ray.progress_interval_s
+
+
 def quiet_ray_data_console() -> None:
     """Keep Ray Data's INFO lines (execution plan, "Total Progress", "execution finished") off the
     console; they still go to ray-data.log in the session's logs, and warnings and errors still print.
@@ -220,7 +226,7 @@ def run(config: Config, log=print) -> Summary:
     start = time.perf_counter()
     if todo:
         init_ray(config)
-        summary = consume(build_plan(todo, config, run_id), summary)
+        summary = consume(build_plan(todo, config, run_id), summary, driver_progress_interval(config), log)
     summary.seconds = time.perf_counter() - start
     finish(summary, work, out_options)
     write_run_record(config, summary, out_options)
@@ -229,8 +235,9 @@ def run(config: Config, log=print) -> Summary:
     return summary
 
 
-def consume(ds, summary: Summary) -> Summary:
-    seen: Counter = Counter()
+def consume(ds, summary: Summary, progress_interval_s: float | None = None, log=print) -> Summary:
+    """Add up the per-part summaries the plan streams back; ``log`` a progress line every
+    ``progress_interval_s`` seconds meanwhile (None: none, e.g. when Ray Data's bars show)."""
     kept = total = 0.0
     kinds: Counter = Counter()
     stages: Counter = Counter()
@@ -241,18 +248,20 @@ def consume(ds, summary: Summary) -> Summary:
         "generate": "generate_ms",
         "write": "write_ms",
     }
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for part in batch.to_pylist():
-            summary.parts += 1
-            seen.update(part["item_ids"])
-            summary.ok += part["ok"]
-            summary.errors += part["rows"] - part["ok"]
-            kinds.update(json.loads(part["error_kinds"]))
-            summary.generated_tokens += part["generated_tokens"]
-            kept += part["visual_tokens_kept"]
-            total += part["visual_tokens_total"]
-            for stage, column in stage_columns.items():
-                stages[stage] += part[column] / 1000.0
+    todo = summary.items_total - summary.items_skipped
+    with ProgressReporter(todo, progress_interval_s, emit=log) as progress:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for part in batch.to_pylist():
+                summary.parts += 1
+                summary.ok += part["ok"]
+                summary.errors += part["rows"] - part["ok"]
+                progress.add(part["ok"], part["rows"] - part["ok"])
+                kinds.update(json.loads(part["error_kinds"]))
+                summary.generated_tokens += part["generated_tokens"]
+                kept += part["visual_tokens_kept"]
+                total += part["visual_tokens_total"]
+                for stage, column in stage_columns.items():
+                    stages[stage] += part[column] / 1000.0
     summary.items_processed = summary.ok + summary.errors
     summary.error_kinds = dict(kinds)
     summary.stage_seconds = {stage: round(stages[stage], 3) for stage in stage_columns}
