@@ -49,9 +49,40 @@ class Summary:
     mean_visual_tokens_total: float | None = None
     # Time summed over items (or parts, for writing) per stage; stages overlap, so these can exceed `seconds`.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Speculative decoding (SSD), summed over this run's rows that have draft counts; ratios None without SSD.
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    draft_rounds: int = 0
+    ssd_generated_tokens: int = 0  # generated tokens of those rows
+    acceptance: float | None = None  # accepted / drafted
+    tokens_per_round: float | None = None  # generated / rounds
+    # QA rows of this run with a reference answer; accuracy None when there are none.
+    answers_scored: int = 0
+    answers_correct: int = 0  # normalised exact match (evaluation.scoring.is_correct); errors count as wrong
+    accuracy: float | None = None
     rows_for_config: int = 0  # after the run: rows under the output with this fingerprint
     duplicates: int = 0  # item ids written twice for this config (must be 0)
     missing: int = 0  # input items with no row for this config (must be 0)
+
+    def add_part(self, part: dict) -> None:
+        """Add one part summary (schema.PART_SUMMARY) to the counts; ratios come from :meth:`derive`."""
+        self.parts += 1
+        self.ok += part["ok"]
+        self.errors += part["rows"] - part["ok"]
+        self.generated_tokens += part["generated_tokens"]
+        self.drafted_tokens += part["drafted_tokens"]
+        self.accepted_tokens += part["accepted_tokens"]
+        self.draft_rounds += part["draft_rounds"]
+        self.ssd_generated_tokens += part["ssd_generated_tokens"]
+        self.answers_scored += part["answers_scored"]
+        self.answers_correct += part["answers_correct"]
+
+    def derive(self) -> None:
+        """The ratios, from the summed counts: exact over the run, not an average of per-part ratios."""
+        self.items_processed = self.ok + self.errors
+        self.acceptance = self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+        self.tokens_per_round = self.ssd_generated_tokens / self.draft_rounds if self.draft_rounds else None
+        self.accuracy = self.answers_correct / self.answers_scored if self.answers_scored else None
 
     def lines(self) -> list[str]:
         kept = "n/a" if self.mean_visual_tokens_kept is None else f"{self.mean_visual_tokens_kept:.1f}"
@@ -63,12 +94,28 @@ class Summary:
             f"(prefill {per_item.get('prefill', 0):.0f}, generate {per_item.get('generate', 0):.0f}), "
             f"write {per_item.get('write', 0):.1f} ms"
         )
-        return [
+        lines = [
             f"run {self.run_id}: {self.items_processed} items in {self.seconds:.1f} s "
             f"({self.items_per_second:.2f} items/s); {self.items_skipped} already done, skipped",
             f"  ok {self.ok}, error {self.errors} ({kinds})",
             f"  visual tokens kept per item: {kept} of {total}",
             f"  generated {self.generated_tokens} tokens ({self.generated_tokens_per_second:.1f} tokens/s)",
+        ]
+        # Only the lines that apply: SSD ran (rows with draft rounds), QA rows had reference answers.
+        if self.acceptance is not None or self.tokens_per_round is not None:
+            acceptance = "n/a" if self.acceptance is None else f"{self.acceptance:.1%}"
+            per_round = "n/a" if self.tokens_per_round is None else f"{self.tokens_per_round:.2f}"
+            lines.append(
+                f"  speculative decoding: acceptance {acceptance} ({self.accepted_tokens} of "
+                f"{self.drafted_tokens} drafted tokens), {per_round} tokens per round ({self.draft_rounds} rounds)"
+            )
+        if self.accuracy is not None:
+            lines.append(
+                f"  accuracy: {self.accuracy:.3f} ({self.answers_correct} of {self.answers_scored} answers match "
+                "the reference after normalisation; rows in error count as wrong)"
+            )
+        return [
+            *lines,
             stages,
             f"  output: {self.output} ({self.rows_for_config} rows for config {self.config_fingerprint}, "
             f"{self.duplicates} duplicated, {self.missing} missing)",
@@ -252,17 +299,14 @@ def consume(ds, summary: Summary, progress_interval_s: float | None = None, log=
     with ProgressReporter(todo, progress_interval_s, emit=log) as progress:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for part in batch.to_pylist():
-                summary.parts += 1
-                summary.ok += part["ok"]
-                summary.errors += part["rows"] - part["ok"]
+                summary.add_part(part)
                 progress.add(part["ok"], part["rows"] - part["ok"])
                 kinds.update(json.loads(part["error_kinds"]))
-                summary.generated_tokens += part["generated_tokens"]
                 kept += part["visual_tokens_kept"]
                 total += part["visual_tokens_total"]
                 for stage, column in stage_columns.items():
                     stages[stage] += part[column] / 1000.0
-    summary.items_processed = summary.ok + summary.errors
+    summary.derive()
     summary.error_kinds = dict(kinds)
     summary.stage_seconds = {stage: round(stages[stage], 3) for stage in stage_columns}
     if summary.ok:
