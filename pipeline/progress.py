@@ -9,6 +9,7 @@ loading, a large part), which is when a user most wants to know the job is alive
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -84,6 +85,8 @@ class ProgressReporter:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.emit(self.line())
+            # Piped or redirected, stdout is block-buffered: unflushed, the lines would all appear at exit.
+            sys.stdout.flush()
 
     def __enter__(self) -> ProgressReporter:
         self.start = self.clock()
