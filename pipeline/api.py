@@ -97,12 +97,13 @@ def caption_dataset(
     the column is absent), ``question``, ``answer`` and ``question_type`` are used when present
     (``task=qa`` needs ``question``). The model and config are checked here, before anything runs.
     """
-    from pipeline.run import add_model_stages, check_model_config, new_run_id
+    from pipeline.models import check_model
+    from pipeline.run import add_model_stages, new_run_id
 
     config = resolve(config, overrides)
     if not config.model.path:
         raise ConfigError("model.path is not set: put it in the YAML or pass model.path=...")
-    check_model_config(config)
+    check_model(config)  # may set decode.twig to the model's twig/
     ds = ds.map_batches(
         work_rows_of,
         fn_kwargs={"uri_column": uri_column, "id_column": id_column, "task": config.task},

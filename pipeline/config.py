@@ -157,7 +157,10 @@ class ComputeConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = None  # None: RAY_ADDRESS or a running local cluster, else start one in-process
+    # Ray Data's progress bars, when stdout and stderr are a terminal; otherwise (or when false) the driver
+    # prints its own one-line progress every progress_interval_s seconds instead (null: never).
     progress_bars: bool = True
+    progress_interval_s: float | None = Field(10.0, gt=0)
 
 
 class Config(_Section):

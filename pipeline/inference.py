@@ -53,6 +53,7 @@ class InferenceStage:
 
     def __init__(self, config: Config, storage_config: dict | None, run_id: str):
         import torch
+        from transformers.utils import logging as hf_logging
 
         from operators.engine import Engine
         from operators.loading import load_vlm
@@ -63,6 +64,9 @@ class InferenceStage:
         self.run_id = run_id
         self.fingerprint = cfg.fingerprint()
         torch.set_num_threads(cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor)))
+        # Hugging Face's "Loading weights" bar would reach the driver's stderr (log_to_driver) as a
+        # line of carriage returns per actor start; its warnings are left on.
+        hf_logging.disable_progress_bar()
         device = pick_device(cfg.model.device)
         dtype = cfg.model.dtype
         if dtype == "auto":

@@ -182,9 +182,7 @@ def fetch_hub_model(
     return Path(directory)
 
 
-def checkpoint_directory(
-    path: str, cache_dir: str | Path | None = None, storage_options: dict | None = None
-) -> Path:
+def checkpoint_directory(path: str, cache_dir: str | Path | None = None, storage_options: dict | None = None) -> Path:
     """The local directory of ``model.path``: a local path as is; an object-store prefix copied into
     the node's cache (``operators.loading.fetch_checkpoint``); a hub id downloaded into the hub cache
     (``cache_dir`` if given, else :func:`hub_cache_dir`). What ``operators.loading.load_vlm`` takes."""

@@ -2,7 +2,8 @@
 
 Layout under ``output.uri``::
 
-    part-<hash>.parquet      rows; <hash> = sha1(config fingerprint + the part's sorted item ids)
+    part-<hash>.parquet      rows; <hash> = sha1(config fingerprint + the part's sorted item ids); file
+                             key/value metadata: PART_METADATA_KEYS (schema version, config fingerprint)
     _runs/<run_id>.json      one summary per run (config, counts, timings)
 
 Exactly-once comes from the layout, not from Ray: a part file appears whole or not at all
@@ -21,7 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.schema import KEY_COLUMNS, SCHEMA
+from pipeline.schema import KEY_COLUMNS, OUTPUT_SCHEMA_VERSION, SCHEMA
+
+# Parquet key/value metadata of every part: a part holds one config's rows, so a reader can tell a
+# file's schema version and config from its footer alone (pq.read_metadata, DuckDB's parquet_kv_metadata).
+SCHEMA_VERSION_KEY = "vlm_batch.schema_version"
+FINGERPRINT_KEY = "vlm_batch.config_fingerprint"
+PART_METADATA_KEYS = (SCHEMA_VERSION_KEY, FINGERPRINT_KEY)
 
 
 def part_name(item_ids: list[str], fingerprint: str) -> str:
@@ -37,12 +44,21 @@ def write_part(table: pa.Table, output_uri: str, options: dict | None = None) ->
     fingerprints = set(table.column("config_fingerprint").to_pylist())
     if len(fingerprints) != 1:
         raise ValueError(f"a part must hold one config fingerprint, got {sorted(map(str, fingerprints))}")
-    name = part_name(table.column("item_id").to_pylist(), fingerprints.pop())
+    fingerprint = fingerprints.pop()
+    name = part_name(table.column("item_id").to_pylist(), fingerprint)
+    metadata = {SCHEMA_VERSION_KEY: str(OUTPUT_SCHEMA_VERSION), FINGERPRINT_KEY: fingerprint}
+    table = table.replace_schema_metadata(metadata)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     uri = storage.join(output_uri, name)
     storage.write_bytes_atomic(uri, buffer.getvalue(), options)
     return uri
+
+
+def part_metadata(uri: str, options: dict | None = None) -> dict[str, str]:
+    """A part's ``vlm_batch.*`` key/value metadata (empty for parts written before it was added)."""
+    meta = pq.read_metadata(io.BytesIO(storage.read_bytes(uri, options))).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items() if k.decode() in PART_METADATA_KEYS}
 
 
 def part_files(output_uri: str, options: dict | None = None) -> list[str]:
@@ -62,7 +78,8 @@ def read_keys(output_uri: str, options: dict | None = None) -> pa.Table:
     columns = [*KEY_COLUMNS, "status"]
 
     def read(uri: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri, options)), columns=columns)
+        # without the part's metadata: concat_tables would keep the first part's fingerprint for all of them
+        return pq.read_table(io.BytesIO(storage.read_bytes(uri, options)), columns=columns).replace_schema_metadata()
 
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})

@@ -8,6 +8,7 @@ back to the driver. Nothing but the summaries returns to the driver, so memory s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -23,6 +24,7 @@ import pyarrow as pa
 from pipeline import output, storage
 from pipeline.config import Config, ConfigError
 from pipeline.models import ModelInfo, check_model
+from pipeline.progress import ProgressReporter
 from pipeline.schema import WORK_FIELDS
 from pipeline.sources import check_input, load_work_rows
 from pipeline.write import write_batch
@@ -48,9 +50,40 @@ class Summary:
     mean_visual_tokens_total: float | None = None
     # Time summed over items (or parts, for writing) per stage; stages overlap, so these can exceed `seconds`.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Speculative decoding (SSD), summed over this run's rows that have draft counts; ratios None without SSD.
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    draft_rounds: int = 0
+    ssd_generated_tokens: int = 0  # generated tokens of those rows
+    acceptance: float | None = None  # accepted / drafted
+    tokens_per_round: float | None = None  # generated / rounds
+    # QA rows of this run with a reference answer; accuracy None when there are none.
+    answers_scored: int = 0
+    answers_correct: int = 0  # normalised exact match (evaluation.scoring.is_correct); errors count as wrong
+    accuracy: float | None = None
     rows_for_config: int = 0  # after the run: rows under the output with this fingerprint
     duplicates: int = 0  # item ids written twice for this config (must be 0)
     missing: int = 0  # input items with no row for this config (must be 0)
+
+    def add_part(self, part: dict) -> None:
+        """Add one part summary (schema.PART_SUMMARY) to the counts; ratios come from :meth:`derive`."""
+        self.parts += 1
+        self.ok += part["ok"]
+        self.errors += part["rows"] - part["ok"]
+        self.generated_tokens += part["generated_tokens"]
+        self.drafted_tokens += part["drafted_tokens"]
+        self.accepted_tokens += part["accepted_tokens"]
+        self.draft_rounds += part["draft_rounds"]
+        self.ssd_generated_tokens += part["ssd_generated_tokens"]
+        self.answers_scored += part["answers_scored"]
+        self.answers_correct += part["answers_correct"]
+
+    def derive(self) -> None:
+        """The ratios, from the summed counts: exact over the run, not an average of per-part ratios."""
+        self.items_processed = self.ok + self.errors
+        self.acceptance = self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+        self.tokens_per_round = self.ssd_generated_tokens / self.draft_rounds if self.draft_rounds else None
+        self.accuracy = self.answers_correct / self.answers_scored if self.answers_scored else None
 
     def lines(self) -> list[str]:
         kept = "n/a" if self.mean_visual_tokens_kept is None else f"{self.mean_visual_tokens_kept:.1f}"
@@ -62,12 +95,28 @@ class Summary:
             f"(prefill {per_item.get('prefill', 0):.0f}, generate {per_item.get('generate', 0):.0f}), "
             f"write {per_item.get('write', 0):.1f} ms"
         )
-        return [
+        lines = [
             f"run {self.run_id}: {self.items_processed} items in {self.seconds:.1f} s "
             f"({self.items_per_second:.2f} items/s); {self.items_skipped} already done, skipped",
             f"  ok {self.ok}, error {self.errors} ({kinds})",
             f"  visual tokens kept per item: {kept} of {total}",
             f"  generated {self.generated_tokens} tokens ({self.generated_tokens_per_second:.1f} tokens/s)",
+        ]
+        # Only the lines that apply: SSD ran (rows with draft rounds), QA rows had reference answers.
+        if self.acceptance is not None or self.tokens_per_round is not None:
+            acceptance = "n/a" if self.acceptance is None else f"{self.acceptance:.1%}"
+            per_round = "n/a" if self.tokens_per_round is None else f"{self.tokens_per_round:.2f}"
+            lines.append(
+                f"  speculative decoding: acceptance {acceptance} ({self.accepted_tokens} of "
+                f"{self.drafted_tokens} drafted tokens), {per_round} tokens per round ({self.draft_rounds} rounds)"
+            )
+        if self.accuracy is not None:
+            lines.append(
+                f"  accuracy: {self.accuracy:.3f} ({self.answers_correct} of {self.answers_scored} answers match "
+                "the reference after normalisation; rows in error count as wrong)"
+            )
+        return [
+            *lines,
             stages,
             f"  output: {self.output} ({self.rows_for_config} rows for config {self.config_fingerprint}, "
             f"{self.duplicates} duplicated, {self.missing} missing)",
@@ -100,13 +149,21 @@ def preflight(config: Config) -> ModelInfo:
 
 
 def init_ray(config: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         return
     # Under `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster. Run directly,
     # it joins ray.address, else a live local cluster started by `ray start`, else starts one.
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or live_local_cluster() or "local"
+    if address == "local" and ray is None:
+        # A cluster of our own: Ray turns token authentication on by default and warns on every start
+        # that it did. Choosing it explicitly gives the same cluster without the warning; a user's own
+        # RAY_AUTH_MODE (e.g. disabled) still wins. Ray reads the variable when it is imported, so
+        # only before then (set later, the driver and its new cluster would disagree and not connect).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    # log_to_driver stays on: tracebacks and warnings from decode tasks and actors must reach the user.
     ray.init(address=address, logging_level="WARNING", log_to_driver=True)
 
 
@@ -126,22 +183,65 @@ def live_local_cluster() -> str | None:
         return None
 
 
+def ray_bars_shown(config: Config) -> bool:
+    """Whether Ray Data draws its progress bars: asked for, stdout a terminal (Ray's own test) and
+    stderr one too (the bars go there; in a log file they are noise)."""
+    return config.ray.progress_bars and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def driver_progress_interval(config: Config) -> float | None:
+    """Seconds between the driver's progress lines; None when Ray Data's bars show progress instead."""
+    return None if ray_bars_shown(config) else config.ray.progress_interval_s
+
+
+def quiet_ray_data_console() -> None:
+    """Keep Ray Data's INFO lines (execution plan, "Total Progress", "execution finished") off the
+    console; they still go to ray-data.log in the session's logs, and warnings and errors still print.
+
+    Only the handler Ray Data's default logging config names "console" is touched, so a user's own
+    RAY_DATA_LOGGING_CONFIG is left as it is.
+    """
+    if os.environ.get("RAY_DATA_LOGGING_CONFIG"):
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
 def build_plan(work: list[dict], config: Config, run_id: str):
     """The Ray Data pipeline over ``work`` (lazy)."""
     import ray
+
+    compute = config.compute
+    ctx = ray.data.DataContext.get_current()
+    # Ray Data chooses bars or log lines by stdout alone: off a terminal it logs "Total Progress" at INFO
+    # every 10 s, which quiet_ray_data_console keeps in ray-data.log. So bars are switched off only where
+    # Ray would draw them; switched off elsewhere, Ray warns "Progress bars disabled" on every run.
+    ctx.enable_progress_bars = ray_bars_shown(config) or not sys.stdout.isatty()
+    ctx.enable_operator_progress_bars = ctx.enable_progress_bars  # one off and the other on: another warning
+    quiet_ray_data_console()
+    blocks = max(1, math.ceil(len(work) / compute.decode_batch_size))
+    table = pa.Table.from_pylist(work, schema=pa.schema(WORK_FIELDS))
+    ds = add_model_stages(ray.data.from_arrow(table).repartition(blocks), config, run_id)
+    return ds.map_batches(
+        write_batch,
+        fn_kwargs={"output_uri": config.output.uri, "storage_config": config.storage.model_dump()},
+        batch_format="pyarrow",
+        batch_size=config.output.rows_per_file,
+        num_cpus=0.25,  # I/O-bound; don't hold a whole core away from decode
+    )
+
+
+def add_model_stages(ds, config: Config, run_id: str):
+    """``ds`` (work rows, ``schema.WORK_FIELDS``) through the CPU decode tasks and the inference
+    actor pool: output rows (``schema.SCHEMA``), not yet written. Lazy."""
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from pipeline.decode import decode_batch
     from pipeline.inference import InferenceStage
 
     compute = config.compute
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = config.ray.progress_bars
-    ctx.enable_operator_progress_bars = config.ray.progress_bars
-    blocks = max(1, math.ceil(len(work) / compute.decode_batch_size))
-    table = pa.Table.from_pylist(work, schema=pa.schema(WORK_FIELDS))
     storage_config = config.storage.model_dump()
-    ds = ray.data.from_arrow(table).repartition(blocks)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"media": config.media, "storage_config": storage_config},
@@ -155,7 +255,7 @@ def build_plan(work: list[dict], config: Config, run_id: str):
         # stage into a following actor stage whenever their requests match).
         max_calls=0,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         InferenceStage,
         fn_constructor_kwargs={"config": config, "storage_config": storage_config, "run_id": run_id},
         batch_format="pyarrow",
@@ -165,13 +265,6 @@ def build_plan(work: list[dict], config: Config, run_id: str):
         compute=ActorPoolStrategy(
             size=compute.actors, max_tasks_in_flight_per_actor=compute.max_tasks_in_flight_per_actor
         ),
-    )
-    return ds.map_batches(
-        write_batch,
-        fn_kwargs={"output_uri": config.output.uri, "storage_config": storage_config},
-        batch_format="pyarrow",
-        batch_size=config.output.rows_per_file,
-        num_cpus=0.25,  # I/O-bound; don't hold a whole core away from decode
     )
 
 
@@ -217,7 +310,7 @@ def execute(prepared: Prepared, log=print) -> Summary:
     start = time.perf_counter()
     if todo:
         init_ray(config)
-        summary = consume(build_plan(todo, config, run_id), summary)
+        summary = consume(build_plan(todo, config, run_id), summary, driver_progress_interval(config), log)
     summary.seconds = time.perf_counter() - start
     finish(summary, work, out_options)
     write_run_record(config, summary, out_options)
@@ -277,8 +370,9 @@ def run(config: Config, log=print) -> Summary:
     return execute(prepare(config), log)
 
 
-def consume(ds, summary: Summary) -> Summary:
-    seen: Counter = Counter()
+def consume(ds, summary: Summary, progress_interval_s: float | None = None, log=print) -> Summary:
+    """Add up the per-part summaries the plan streams back; ``log`` a progress line every
+    ``progress_interval_s`` seconds meanwhile (None: none, e.g. when Ray Data's bars show)."""
     kept = total = 0.0
     kinds: Counter = Counter()
     stages: Counter = Counter()
@@ -289,19 +383,18 @@ def consume(ds, summary: Summary) -> Summary:
         "generate": "generate_ms",
         "write": "write_ms",
     }
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for part in batch.to_pylist():
-            summary.parts += 1
-            seen.update(part["item_ids"])
-            summary.ok += part["ok"]
-            summary.errors += part["rows"] - part["ok"]
-            kinds.update(json.loads(part["error_kinds"]))
-            summary.generated_tokens += part["generated_tokens"]
-            kept += part["visual_tokens_kept"]
-            total += part["visual_tokens_total"]
-            for stage, column in stage_columns.items():
-                stages[stage] += part[column] / 1000.0
-    summary.items_processed = summary.ok + summary.errors
+    todo = summary.items_total - summary.items_skipped
+    with ProgressReporter(todo, progress_interval_s, emit=log) as progress:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for part in batch.to_pylist():
+                summary.add_part(part)
+                progress.add(part["ok"], part["rows"] - part["ok"])
+                kinds.update(json.loads(part["error_kinds"]))
+                kept += part["visual_tokens_kept"]
+                total += part["visual_tokens_total"]
+                for stage, column in stage_columns.items():
+                    stages[stage] += part[column] / 1000.0
+    summary.derive()
     summary.error_kinds = dict(kinds)
     summary.stage_seconds = {stage: round(stages[stage], 3) for stage in stage_columns}
     if summary.ok:

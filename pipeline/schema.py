@@ -90,6 +90,14 @@ PART_SUMMARY = pa.schema(
         ("generate_ms", pa.float64()),
         ("decode_ms", pa.float64()),
         ("write_ms", pa.float64()),
+        # SSD, summed over the ok rows that have draft counts (0 without SSD); the driver's ratios are exact.
+        ("drafted_tokens", pa.int64()),
+        ("accepted_tokens", pa.int64()),
+        ("draft_rounds", pa.int64()),
+        ("ssd_generated_tokens", pa.int64()),  # generated tokens of those rows
+        # QA rows with a reference answer, and how many of them the model answered right (errors: wrong).
+        ("answers_scored", pa.int64()),
+        ("answers_correct", pa.int64()),
     ]
 )
 

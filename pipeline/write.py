@@ -12,6 +12,7 @@ from collections import Counter
 
 import pyarrow as pa
 
+from evaluation.scoring import is_correct
 from pipeline import output, storage
 from pipeline.schema import PART_SUMMARY, build_row
 
@@ -25,6 +26,8 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
     rows = batch.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     kinds = Counter(r["error_kind"] for r in rows if r["status"] != "ok")
+    ssd = [r for r in ok if r["draft_rounds"] is not None]
+    scored = [r for r in rows if r["task"] == "qa" and r["answer"] is not None]
     summary = {
         "part": part,
         "item_ids": [r["item_id"] for r in rows],
@@ -39,5 +42,12 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
         "generate_ms": sum(r["generate_ms"] or 0.0 for r in ok),
         "decode_ms": sum(r["decode_ms"] or 0.0 for r in rows),
         "write_ms": write_ms,
+        "drafted_tokens": sum(r["drafted_tokens"] or 0 for r in ssd),
+        "accepted_tokens": sum(r["accepted_tokens"] or 0 for r in ssd),
+        "draft_rounds": sum(r["draft_rounds"] for r in ssd),
+        "ssd_generated_tokens": sum(r["generated_tokens"] or 0 for r in ssd),
+        "answers_scored": len(scored),
+        # a row in error has no text, so it counts as wrong (as jobs/videoqa.py scores it)
+        "answers_correct": sum(r["status"] == "ok" and is_correct(r["text"], r["answer"]) for r in scored),
     }
     return pa.Table.from_pylist([build_row(PART_SUMMARY, summary, "part summary")], schema=PART_SUMMARY)

@@ -1,4 +1,4 @@
-"""Output parts of an older schema version read back beside current ones."""
+"""Output parts: older schema versions read back beside current ones; the parts' file metadata."""
 
 from datetime import UTC, datetime
 
@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import output
-from pipeline.schema import SCHEMA
+from pipeline.schema import OUTPUT_SCHEMA_VERSION, SCHEMA
 
 
 def row(item_id: str, **extra) -> dict:
@@ -25,3 +25,15 @@ def test_parts_without_columns_added_later_read_as_nulls(tmp_path):
     rows = {r["item_id"]: r for r in table.to_pylist()}
     assert rows["a"]["prefill_ms"] is None and rows["b"]["prefill_ms"] == 1.5
     assert output.completed_items(str(tmp_path), "f") == {"a", "b"}
+
+
+def test_parts_carry_schema_version_and_fingerprint_in_their_footer(tmp_path):
+    uri = output.write_part(pa.Table.from_pylist([row("a"), row("b")], schema=SCHEMA), str(tmp_path))
+    meta = pq.read_metadata(uri).metadata
+    assert meta[b"vlm_batch.schema_version"] == str(OUTPUT_SCHEMA_VERSION).encode() == b"3"
+    assert meta[b"vlm_batch.config_fingerprint"] == b"f"
+    assert output.part_metadata(uri) == {"vlm_batch.schema_version": "3", "vlm_batch.config_fingerprint": "f"}
+    assert pq.read_schema(uri).remove_metadata() == SCHEMA  # the rows' schema is unchanged
+    pq.write_table(pa.Table.from_pylist([row("c")], schema=SCHEMA), tmp_path / "part-old.parquet")
+    assert output.part_metadata(str(tmp_path / "part-old.parquet")) == {}  # written before the keys existed
+    assert output.read_keys(str(tmp_path)).schema.metadata is None  # no one part's fingerprint on all rows

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.output import part_files, read_output
+from pipeline.output import part_files, part_metadata, read_output
 from pipeline.run import run
 from pipeline.schema import SCHEMA
 from synthetic.corpus import write_corpus
@@ -77,6 +77,7 @@ def test_captions_one_ok_row_per_item(ray_local, corpus, tmp_path):
     parts = part_files(str(tmp_path / "out"))
     assert len(parts) >= 3  # rows_per_file=4
     assert pq.read_schema(parts[0]).remove_metadata() == SCHEMA
+    assert all(part_metadata(p)["vlm_batch.config_fingerprint"] == summary.config_fingerprint for p in parts)
     record = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
     assert record["summary"]["ok"] == 9 and record["config"]["pruning"]["budget"] == 21
     assert len({r["text"] for r in rows}) > 1  # captions depend on the media
@@ -165,6 +166,13 @@ def test_ssd_captions_equal_greedy_captions(ray_local, corpus, tmp_path):
         assert speculative[item_id]["text"] == row["text"], item_id
         assert speculative[item_id]["decode_strategy"] == "ssd" and row["drafted_tokens"] is None
         assert 0 <= speculative[item_id]["accepted_tokens"] <= speculative[item_id]["drafted_tokens"]
+    # The summary's SSD figures are the rows' counts added up (over the run), absent for greedy.
+    ssd_rows = list(speculative.values())
+    drafted, accepted = (sum(r[c] for r in ssd_rows) for c in ("drafted_tokens", "accepted_tokens"))
+    assert (ssd.drafted_tokens, ssd.accepted_tokens) == (drafted, accepted) and ssd.acceptance == accepted / drafted
+    generated, rounds = (sum(r[c] for r in ssd_rows) for c in ("generated_tokens", "draft_rounds"))
+    assert ssd.tokens_per_round == generated / rounds
+    assert greedy.acceptance is None and not any("speculative" in line for line in greedy.lines())
 
 
 def test_rerun_skips_done_items_and_new_config_gets_new_rows(ray_local, corpus, tmp_path):
@@ -197,6 +205,11 @@ def test_qa_task_and_videoqa_scoring(ray_local, corpus, tmp_path, capsys):
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == questions
     rows = rows_of(tmp_path / "out")
     assert len(rows) == 2 * questions and all(r["task"] == "qa" and r["answer"] for r in rows)
+    # Each run's summary has its accuracy line, the same figure videoqa prints for that run's rows.
+    assert f"  accuracy: {report['accuracy']['all']:.3f} ({round(report['accuracy']['all'] * questions)} of " in printed
+    records = [json.loads(p.read_text())["summary"] for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    assert sorted(r["answers_scored"] for r in records) == [questions, questions]
+    assert report["accuracy"]["all"] in [r["accuracy"] for r in records]
 
 
 def pids_titled(prefix: str) -> list[int]:
