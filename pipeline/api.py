@@ -104,6 +104,11 @@ def caption_dataset(
     if not config.model.path:
         raise ConfigError("model.path is not set: put it in the YAML or pass model.path=...")
     check_model(config)  # may set decode.twig to the model's twig/
+    schema = ds.schema(fetch_if_missing=False)  # known without running anything for most sources
+    if schema is not None and uri_column not in schema.names:
+        raise ConfigError(
+            f"caption_dataset: the dataset has no {uri_column!r} column (columns: {', '.join(schema.names)})"
+        )
     ds = ds.map_batches(
         work_rows_of,
         fn_kwargs={"uri_column": uri_column, "id_column": id_column, "task": config.task},

@@ -131,7 +131,8 @@ def test_dry_run_says_what_a_run_would_do_and_starts_nothing(corpus, tmp_path):
     assert f"fingerprint {fingerprint}" in text
     assert "4 items (3 images, 1 video)" in text
     assert "0 already done for this config, 4 to do" in text
-    assert "model: models/shapes-llava" in text
+    assert "model: models/shapes-llava: model_type llava; visual tokens per image 64, per video 4 frames x 64" in text
+    assert "pruning keeps 21 per image/frame" in text
     assert not output.exists()  # nothing written, not even the folder
 
     # Two items already written for this config (and one for another config): 2 done, 2 to do.

@@ -285,3 +285,24 @@ def test_stale_local_cluster_record_is_ignored(tmp_path, monkeypatch):
         record.write_text(f"127.0.0.1:{port}\n")
         assert live_local_cluster() == f"127.0.0.1:{port}"
     assert live_local_cluster() is None  # the port is closed now: a dead cluster
+
+
+def test_python_api_stages_on_a_users_dataset(ray_local, corpus):
+    """``pipeline.api.caption_dataset``: the job's decode + inference stages on a Dataset the user
+    built, ids from their column, rows in the output schema, nothing written."""
+    import ray
+
+    from pipeline.api import caption_dataset
+    from pipeline.config import ConfigError
+
+    media = [corpus / "images" / "img_00000000.png", corpus / "videos" / "vid_00000000.mp4"]
+    ds = ray.data.from_items([{"id": f"mine-{i}", "uri": str(p), "extra": i} for i, p in enumerate(media)])
+    overrides = ["decode.max_new_tokens=8", "ray.progress_bars=false"]
+    rows = sorted(caption_dataset(ds, DEMO, overrides).take_all(), key=lambda r: r["item_id"])
+    assert [r["item_id"] for r in rows] == ["mine-0", "mine-1"]
+    assert set(rows[0]) == set(SCHEMA.names)
+    assert all(r["status"] == "ok" and r["text"] for r in rows)
+    assert [r["visual_tokens_kept"] for r in rows] == [21, 21 * 4]
+    assert rows[0]["config_fingerprint"] == load_config(DEMO, overrides).fingerprint()
+    with pytest.raises(ConfigError, match="no 'url' column"):
+        caption_dataset(ds, DEMO, overrides, uri_column="url")
