@@ -310,7 +310,11 @@ def _hub_reader(source: ModelSource, key: str = "model.path") -> Callable[[str],
 def _open_hub(source: ModelSource, written: str) -> _Checkpoint:
     """The repo's file list and a reader (config.json, twig.json); the weights are the actors' to download."""
     if hub_offline():  # only the cache may serve it: check the cached copy as a local directory
-        return _open_local(fetch_hub_model(source, hint=written), source.hub_name)
+        directory = fetch_hub_model(source, hint=written)
+        if not any(directory.glob("*.safetensors")):
+            # Only metadata is cached (an earlier dry run reads config.json alone): not runnable offline.
+            raise hub_error(source, FileNotFoundError(f"no weights cached in {directory}"), hint=written)
+        return _open_local(directory, source.hub_name)
     from huggingface_hub import HfApi
 
     try:

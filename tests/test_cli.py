@@ -63,7 +63,7 @@ def test_output_that_is_a_file_exits_2_with_one_line(corpus, tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["empty input", "missing model", "missing input"],
+    ["empty input", "missing model", "missing input", "qa without questions"],
 )
 def test_problems_found_before_work_leave_no_output_folder(case, corpus, tmp_path):
     output = tmp_path / "out" / "captions"
@@ -73,12 +73,19 @@ def test_problems_found_before_work_leave_no_output_folder(case, corpus, tmp_pat
         args[3] = str(tmp_path / "empty")
     elif case == "missing model":
         args.append(f"model.path={tmp_path / 'no-such-model'}")
-    else:
+    elif case == "missing input":
         args[3] = str(tmp_path / "no-such-input")
+    else:
+        args.append("task=qa")  # a folder of media has no questions
     done = job(*args)
     assert done.returncode == cli.EXIT_USAGE, done.stderr
     line = error_line(done)
-    expected = {"empty input": "no items found", "missing model": "model.path", "missing input": "no-such-input"}
+    expected = {
+        "empty input": "no items found",
+        "missing model": "model.path",
+        "missing input": "no-such-input",
+        "qa without questions": "question",
+    }
     assert expected[case] in line
     assert not (tmp_path / "out").exists()
 
@@ -234,3 +241,13 @@ def test_unreachable_object_store_exits_2_with_one_line(tmp_path):
     assert "s3://corpus-bucket/images/" in line and "http://127.0.0.1:9" in line
     assert "test-secret-4321" not in done.stderr + done.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_ssd_on_the_demo_model_finds_its_twig(corpus, tmp_path):
+    """decode.strategy=ssd without decode.twig: the model folder's twig/ is used, and said."""
+    done = job(
+        "--config", "configs/demo.yaml", "--input", str(corpus), "--output", str(tmp_path / "o"),
+        "decode.strategy=ssd", "--dry-run",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "decode ssd" in done.stdout and "twig models/shapes-llava/twig" in done.stdout

@@ -95,6 +95,8 @@ def handler_for(hub: FakeHub):
                 kind = rest[0] if rest else "revision"
             else:  # /{org}/{name}/resolve/{rev}/{path}
                 repo, rest = "/".join(parts[:2]), parts[2:]
+                if len(rest) < 2 or rest[0] != "resolve":  # telemetry and the like: not served
+                    return self.reply(404, b"{}", body)
                 kind, revision, name = "resolve", rest[1], "/".join(rest[2:])
             if repo not in hub.repos:
                 return self.reply(404, b'{"error": "Repository not found"}', body, X_Error_Code="RepoNotFound")
@@ -455,3 +457,26 @@ def test_twig_constants_match_the_twig_module():
     from pipeline import models
 
     assert (models.TWIG_FORMAT, models.TWIG_CONFIG) == (twig.FORMAT, twig.CONFIG_NAME)
+
+
+def test_cli_dry_run_with_a_hub_id_and_offline(hub_env, tmp_path):
+    """Through the real command line: a hub id is checked on the hub (dry run: config.json and the
+    file list only, no weights); offline, one line saying how to stage the model."""
+    import os
+
+    media = tmp_path / "in"
+    media.mkdir()
+    Image.new("RGB", (8, 8)).save(media / "a.png")
+    args = [sys.executable, "jobs/caption.py", "--config", "configs/demo.yaml", "--input", str(media)]
+    args += ["--output", str(tmp_path / "out"), "model.path=org/tiny@v1", "--dry-run"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "model: org/tiny@v1: model_type llava" in done.stdout
+    assert hub_env.log and not any(path.endswith(".safetensors") for _, path in hub_env.log)
+    offline = subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**env, "HF_HUB_OFFLINE": "1"}
+    )
+    assert offline.returncode == 2
+    assert offline.stderr.startswith("error: model.path: cannot fetch org/tiny@v1") and offline.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()

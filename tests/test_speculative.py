@@ -77,20 +77,40 @@ def assert_same(ar, ssd):
         assert ssd.tokens[row, :n].tolist() == ar.tokens[row, :n].tolist(), f"row {row}"
 
 
-@pytest.mark.parametrize("family", ["llava", "video_llava"])
-@pytest.mark.parametrize("batch", [1, 4, 8])
-def test_ssd_equals_greedy_over_budgets_and_draft_lengths(tiny, family, batch):
+BUDGETS = [(None, None), (3, None), (3, -1), (12, -1)]  # (visual tokens kept per segment, FinalWipe layer)
+DRAFTS = [(1, 0.0, 9), (3, 0.6, 13), (5, 0.0, 17)]  # (max draft, threshold, max new tokens)
+BATCHES = [1, 4, 8]
+
+
+def check_ssd_equals_greedy(tiny, family, batch, grid):
     model, processor = tiny(family)
     n_layers = len(text_model(model).layers)
     twig = grow_twig(model, K=1, T=2)
     inputs = batch_inputs(model, processor, range(100 * batch, 100 * batch + batch), family)
     segments = torch.tensor(inputs[1].segments)
-    for budget, finalwipe in [(None, None), (3, None), (3, n_layers - 1), (12, n_layers - 1)]:
+    for (budget, finalwipe), (max_draft, threshold, max_new) in grid:
         keep = None if budget is None else budget * segments
-        for max_draft, threshold, max_new in [(1, 0.0, 9), (3, 0.6, 13), (5, 0.0, 17)]:
-            ar, ssd, stats = generate_both(model, twig, inputs, keep, finalwipe, max_new, None, max_draft, threshold)
-            assert_same(ar, ssd)
-            assert bool((stats.accepted <= stats.drafted).all())
+        finalwipe = None if finalwipe is None else n_layers + finalwipe
+        ar, ssd, stats = generate_both(model, twig, inputs, keep, finalwipe, max_new, None, max_draft, threshold)
+        assert_same(ar, ssd)
+        assert bool((stats.accepted <= stats.drafted).all())
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_ssd_equals_greedy_over_budgets_and_draft_lengths(tiny, family, batch):
+    """Each batch size takes a third of the budget x draft grid, so the three together cover all of
+    it (every budget with every draft setting) at a third of the cost; the slow test runs it whole."""
+    offset = BATCHES.index(batch)
+    grid = [(b, DRAFTS[(i + offset) % len(DRAFTS)]) for i, b in enumerate(BUDGETS)]
+    check_ssd_equals_greedy(tiny, family, batch, grid)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_ssd_equals_greedy_over_the_whole_grid(tiny, family, batch):
+    check_ssd_equals_greedy(tiny, family, batch, [(b, d) for b in BUDGETS for d in DRAFTS])
 
 
 def test_unpruned_reference_equals_the_engine(tiny):
