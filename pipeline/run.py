@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from pipeline import output, storage
 from pipeline.config import Config, ConfigError
+from pipeline.console import without_known_noise
 from pipeline.models import ModelInfo, check_model
 from pipeline.progress import ProgressReporter
 from pipeline.schema import WORK_FIELDS
@@ -310,7 +311,8 @@ def execute(prepared: Prepared, log=print) -> Summary:
     start = time.perf_counter()
     if todo:
         init_ray(config)
-        summary = consume(build_plan(todo, config, run_id), summary, driver_progress_interval(config), log)
+        with without_known_noise():  # Ray core's false alarm about the actor pool (pipeline.console)
+            summary = consume(build_plan(todo, config, run_id), summary, driver_progress_interval(config), log)
     summary.seconds = time.perf_counter() - start
     finish(summary, work, out_options)
     write_run_record(config, summary, out_options)
