@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import os
 import sys
@@ -19,13 +20,18 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import exit_status
 from pipeline.config import Config, ConfigError, load_config
 
-EXIT_OK = 0  # every item has exactly one row for this config
-EXIT_USAGE = 2  # bad command line, config, input, output or model: found before any work, nothing written
-EXIT_INCOMPLETE = 3  # the run ended but the output is not exactly one row per item: rerun to fill the gaps
-EXIT_FAILED = 4  # the run stopped on an error (details in the log file); committed parts are kept: rerun to resume
-EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT; committed parts are kept: rerun to resume
+EXIT_OK = exit_status.OK
+EXIT_USAGE = exit_status.USAGE
+EXIT_INCOMPLETE = exit_status.INCOMPLETE
+EXIT_FAILED = exit_status.FAILED
+EXIT_TOO_MANY_ERRORS = exit_status.TOO_MANY_ERRORS
+EXIT_INFRASTRUCTURE = exit_status.INFRASTRUCTURE
+EXIT_BUSY = exit_status.BUSY
+EXIT_INTERRUPTED = exit_status.INTERRUPTED
+EXIT_TERMINATED = exit_status.TERMINATED
 
 CAPTION_USAGE = """Caption images and videos, or answer questions about them, into Parquet.
 
@@ -70,6 +76,17 @@ def job_parser(description: str, prog: str | None = None, parents: tuple[argpars
         help="check everything and print what a run would do (items to do, model, visual tokens); no Ray, no writes",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument(
+        "--retry-errors",
+        metavar="KIND[,KIND]",
+        help="also redo items whose row is an error of these kinds (retryable errors are always redone; "
+        "'all': every error) (output.retry_errors)",
+    )
+    parser.add_argument(
+        "--max-error-rate",
+        metavar="R",
+        help="exit with status 5 when more than this share (0-1) of the items ended in error (output.max_error_rate)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
 
@@ -91,6 +108,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overrides.append(f"input.uri={args.input}")
     if args.output:
         overrides.append(f"output.uri={args.output}")
+    if args.retry_errors:
+        kinds = [k.strip() for k in args.retry_errors.split(",") if k.strip()]
+        overrides.append(f"output.retry_errors=[{', '.join(kinds)}]")
+    if args.max_error_rate is not None:
+        overrides.append(f"output.max_error_rate={args.max_error_rate}")
     # Values are YAML-parsed; URIs must stay strings even if they look like numbers.
     return load_config(args.config, [_quote_uri(o) for o in overrides])
 
@@ -119,7 +141,8 @@ def guarded(job: Callable[[], int]) -> int:
     """Run ``job`` (which returns an exit status); turn whatever escapes into one line and a status.
 
     Errors raised while preparing (config, input, output, model: ``PreWorkError``) are the user's to
-    fix: status 2. Anything else stopped a run: status 4, with the traceback in a log file.
+    fix: status 2. A storage, disk or cluster failure that stopped a run: status 6. Anything else
+    stopped a run: status 4. Both with the traceback in a log file.
     """
     try:
         return job()
@@ -131,12 +154,49 @@ def guarded(job: Callable[[], int]) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
         log = write_failure_log(e)
+        fault = infrastructure_fault(e)
+        what = f"{fault} failed: " if fault else ""
         print(
-            f"error: the run stopped: {short_cause(e)}; parts already written are kept, rerun the same command "
-            f"to resume (details: {log})",
+            f"error: the run stopped: {what}{short_cause(e)}; parts already written are kept, "
+            f"{'fix it and ' if fault else ''}rerun the same command to resume (details: {log})",
             file=sys.stderr,
         )
-        return EXIT_FAILED
+        return EXIT_INFRASTRUCTURE if fault else EXIT_FAILED
+
+
+# errno values that say the disk, not the data or the code, failed
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM}
+# Ray errors that say the cluster lost a node, a worker or an object (not that our code raised)
+RAY_CLUSTER_ERRORS = ("NodeDiedError", "ObjectLostError", "OwnerDiedError", "WorkerCrashedError",
+                      "OutOfMemoryError", "RaySystemError", "ObjectStoreFullError", "OutOfDiskError")  # fmt: skip
+
+
+def infrastructure_fault(error: BaseException) -> str | None:
+    """``"storage"``, ``"disk"`` or ``"cluster"`` when ``error`` (or what it wraps) is such a failure;
+    None for everything else (a bug, a bad model found late)."""
+    from pipeline.faults import is_transient
+
+    for cause in causes(error):
+        if type(cause).__name__ in RAY_CLUSTER_ERRORS:
+            return "the cluster"
+        if is_transient(cause) or type(cause).__name__ == "StorageUnavailable":
+            return "storage"
+        if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
+            return "the disk"
+    return None
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    """``error`` and what it wraps: ``__cause__``/``__context__`` and Ray's ``.cause``."""
+    seen: list[BaseException] = []
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, BaseException) or any(current is s for s in seen):
+            continue
+        seen.append(current)
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return seen
 
 
 class PreWorkError(Exception):
@@ -223,13 +283,13 @@ def _caption(args: argparse.Namespace) -> int:
     summary = execute(prepared)
     if args.show:
         show_rows(config, args.show)
-    return exit_status(summary)
+    return finished_status(summary, config)
 
 
-def exit_status(summary) -> int:
+def finished_status(summary, config: Config) -> int:
     from pipeline.run import main_exit_code
 
-    return main_exit_code(summary)
+    return main_exit_code(summary, config.output.max_error_rate)
 
 
 def print_config(config: Config) -> None:
@@ -346,7 +406,7 @@ def _videoqa(args: argparse.Namespace) -> int:
                 f.write(json.dumps(record) + "\n")
         print(f"predictions: {args.predictions}")
     print(json.dumps(report))
-    return exit_status(summary)
+    return finished_status(summary, config)
 
 
 # --- validate, and the one command that holds them all

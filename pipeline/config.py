@@ -44,6 +44,10 @@ class InputConfig(_Section):
 class OutputConfig(_Section):
     uri: str | None = None  # directory or object-store prefix receiving part-*.parquet
     rows_per_file: int = Field(256, ge=1, le=1_000_000)
+    # Error kinds a rerun redoes besides the retryable ones (--retry-errors), e.g. [decode_timeout]; [all]: every error
+    retry_errors: list[str] = Field(default_factory=list)
+    # Exit with status 5 when more than this share of the config's items ended in error (--max-error-rate)
+    max_error_rate: float | None = Field(None, ge=0, le=1)
 
 
 class StorageConfig(_Section):

@@ -87,13 +87,6 @@ def read_keys(output_uri: str, options: dict | None = None) -> pa.Table:
         return pa.concat_tables(pool.map(read, files))
 
 
-def completed_items(output_uri: str, fingerprint: str, options: dict | None = None) -> set[str]:
-    keys = read_keys(output_uri, options)
-    ids = keys.column("item_id").to_pylist()
-    fps = keys.column("config_fingerprint").to_pylist()
-    return {i for i, f in zip(ids, fps, strict=True) if f == fingerprint}
-
-
 def read_output(output_uri: str, options: dict | None = None) -> pa.Table:
     """Every row under the output (all configs), for tests and small reports."""
     files = part_files(output_uri, options)
@@ -111,3 +104,11 @@ def conform(table: pa.Table) -> pa.Table:
         for f in SCHEMA
     ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+def rewrite_part(table: pa.Table, uri: str, options: dict | None = None) -> None:
+    """Replace the part at ``uri`` with ``table`` (a subset of its rows), atomically, keeping its name
+    and metadata: how ``pipeline.resume`` drops rows a newer row superseded."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    storage.write_bytes_atomic(uri, buffer.getvalue(), options)

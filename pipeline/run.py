@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from pipeline import output, storage
+from pipeline import exit_status, resume, storage
 from pipeline.config import Config, ConfigError
 from pipeline.console import without_known_noise
 from pipeline.models import ModelInfo, check_model
 from pipeline.progress import ProgressReporter
+from pipeline.resume import check_retry_kinds
 from pipeline.schema import WORK_FIELDS
 from pipeline.sources import check_input, load_work_rows
 from pipeline.write import write_batch
@@ -65,6 +66,11 @@ class Summary:
     rows_for_config: int = 0  # after the run: rows under the output with this fingerprint
     duplicates: int = 0  # item ids written twice for this config (must be 0)
     missing: int = 0  # input items with no row for this config (must be 0)
+    items_redone: int = 0  # of the items processed: earlier error rows redone (retryable, or --retry-errors)
+    superseded: int = 0  # older rows of redone items removed from their parts (pipeline.resume)
+    errors_for_config: int = 0  # input items whose current row is an error, after the run
+    retryable_errors: int = 0  # of those: retryable ones (a rerun redoes them)
+    error_rate: float = 0.0  # errors_for_config / items_total
 
     def add_part(self, part: dict) -> None:
         """Add one part summary (schema.PART_SUMMARY) to the counts; ratios come from :meth:`derive`."""
@@ -116,11 +122,16 @@ class Summary:
                 f"  accuracy: {self.accuracy:.3f} ({self.answers_correct} of {self.answers_scored} answers match "
                 "the reference after normalisation; rows in error count as wrong)"
             )
+        if self.items_redone or self.superseded:
+            lines.append(
+                f"  redone: {self.items_redone} items that had an error row; {self.superseded} older rows replaced"
+            )
         return [
             *lines,
             stages,
             f"  output: {self.output} ({self.rows_for_config} rows for config {self.config_fingerprint}, "
-            f"{self.duplicates} duplicated, {self.missing} missing)",
+            f"{self.duplicates} duplicated, {self.missing} missing; {self.errors_for_config} items in error, "
+            f"{self.retryable_errors} of them retryable)",
         ]
 
 
@@ -292,7 +303,8 @@ def prepare(config: Config) -> Prepared:
     model = preflight(config)
     fingerprint = config.fingerprint()
     work = load_work_rows(config, options_for(config.input.uri, config))
-    done = output.completed_items(config.output.uri, fingerprint, options_for(config.output.uri, config))
+    retry_kinds = check_retry_kinds(config.output.retry_errors)
+    done, _ = resume.done_items(config.output.uri, fingerprint, options_for(config.output.uri, config), retry_kinds)
     # Grouped by media type, so engine batches hold prompts of similar length (images apart from videos).
     todo = sorted((row for row in work if row["item_id"] not in done), key=lambda row: row["media_type"] or "")
     return Prepared(config, new_run_id(), fingerprint, work, {r["item_id"] for r in work} & done, todo, model)
@@ -304,6 +316,10 @@ def execute(prepared: Prepared, log=print) -> Summary:
     config, work, todo, run_id = prepared.config, prepared.work, prepared.todo, prepared.run_id
     out_options = options_for(config.output.uri, config)
     summary = Summary(run_id, config.output.uri, prepared.fingerprint, len(work), len(work) - len(todo))
+    # Rows a killed run had already superseded but not yet removed go first (one current row per item).
+    resume.drop_superseded(config.output.uri, prepared.fingerprint, out_options)
+    written_before = {row["item_id"] for row in resume.read_index(config.output.uri, prepared.fingerprint, out_options)}
+    summary.items_redone = sum(1 for row in todo if row["item_id"] in written_before)
     log(
         f"run {run_id}: {len(work)} items from {config.input.uri}; {summary.items_skipped} already in "
         f"{config.output.uri} for config {prepared.fingerprint}; {len(todo)} to do"
@@ -410,16 +426,17 @@ def finish(summary: Summary, work: list[dict], options: dict) -> None:
     if summary.seconds > 0:
         summary.items_per_second = summary.items_processed / summary.seconds
         summary.generated_tokens_per_second = summary.generated_tokens / summary.seconds
-    keys = output.read_keys(summary.output, options)
-    ids = [
-        i
-        for i, f in zip(keys.column("item_id").to_pylist(), keys.column("config_fingerprint").to_pylist(), strict=True)
-        if f == summary.config_fingerprint
-    ]
-    counts = Counter(ids)
-    summary.rows_for_config = len(ids)
+    summary.superseded = resume.drop_superseded(summary.output, summary.config_fingerprint, options)
+    index = resume.read_index(summary.output, summary.config_fingerprint, options)
+    counts = Counter(row["item_id"] for row in index)
+    summary.rows_for_config = len(index)
     summary.duplicates = sum(n - 1 for n in counts.values() if n > 1)
     summary.missing = sum(1 for row in work if row["item_id"] not in counts)
+    current = resume.current_rows(index)
+    wanted = [current[row["item_id"]] for row in work if row["item_id"] in current]
+    summary.errors_for_config = sum(row["status"] != "ok" for row in wanted)
+    summary.retryable_errors = sum(row["status"] != "ok" and bool(row["retryable"]) for row in wanted)
+    summary.error_rate = summary.errors_for_config / len(work) if work else 0.0
 
 
 def write_run_record(config: Config, summary: Summary, options: dict) -> None:
@@ -428,13 +445,28 @@ def write_run_record(config: Config, summary: Summary, options: dict) -> None:
     storage.write_bytes_atomic(uri, json.dumps(record, indent=2).encode(), options)
 
 
-def main_exit_code(summary: Summary) -> int:
-    """0 when every item has exactly one row for this config; rows in error still count as written."""
+def main_exit_code(summary: Summary, max_error_rate: float | None = None) -> int:
+    """The exit status of a run that finished (``pipeline.exit_status``), with one ``error:`` line
+    on stderr when it is not 0. Rows in error count as written; retryable ones ask for a rerun."""
     if summary.duplicates or summary.missing:
         print(
             f"error: output is not exactly one row per item ({summary.duplicates} duplicated, "
             f"{summary.missing} missing); rerun the same command to fill the gaps",
             file=sys.stderr,
         )
-        return 3
-    return 0
+        return exit_status.INCOMPLETE
+    if summary.retryable_errors:
+        print(
+            f"error: {summary.retryable_errors} items still failed after retries with transient errors "
+            f"(storage or network); rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return exit_status.INFRASTRUCTURE
+    if max_error_rate is not None and summary.error_rate > max_error_rate:
+        print(
+            f"error: {summary.errors_for_config} of {summary.items_total} items ({summary.error_rate:.1%}) are "
+            f"errors, over output.max_error_rate {max_error_rate:g}; see their error_kind and error columns",
+            file=sys.stderr,
+        )
+        return exit_status.TOO_MANY_ERRORS
+    return exit_status.OK

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import output
+from pipeline import output, resume
 from pipeline.schema import OUTPUT_SCHEMA_VERSION, SCHEMA
 
 
@@ -24,7 +24,7 @@ def test_parts_without_columns_added_later_read_as_nulls(tmp_path):
     assert table.schema == SCHEMA
     rows = {r["item_id"]: r for r in table.to_pylist()}
     assert rows["a"]["prefill_ms"] is None and rows["b"]["prefill_ms"] == 1.5
-    assert output.completed_items(str(tmp_path), "f") == {"a", "b"}
+    assert resume.done_items(str(tmp_path), "f") == ({"a", "b"}, 0)
 
 
 def test_parts_carry_schema_version_and_fingerprint_in_their_footer(tmp_path):
