@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from operators.settings import EngineConfig, SettingError
 from pipeline.faults import RetryPolicy
-from pipeline.schema import OUTPUT_SCHEMA_VERSION
+from pipeline.schema import FINGERPRINT_SCHEMA
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "3gp")
@@ -241,7 +241,7 @@ class Config(_Section):
         """
         sampling = self.decode.temperature > 0
         relevant = {
-            "schema": OUTPUT_SCHEMA_VERSION,
+            "schema": FINGERPRINT_SCHEMA,  # not OUTPUT_SCHEMA_VERSION: added columns must not orphan output
             "task": self.task,
             "model": {"path": self.model.path, "dtype": self.model.dtype, "pad_to_square": self.model.pad_to_square},
             "prompt": self.prompt.model_dump(),

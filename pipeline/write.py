@@ -34,6 +34,8 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
         "rows": len(rows),
         "ok": len(ok),
         "error_kinds": json.dumps(dict(kinds)),
+        # errors a later run may fix (storage was unavailable), apart from those it would only repeat
+        "retryable_errors": sum(r["status"] != "ok" and r["retryable"] is True for r in rows),
         "generated_tokens": sum(r["generated_tokens"] or 0 for r in ok),
         "visual_tokens_kept": sum(r["visual_tokens_kept"] or 0 for r in ok),
         "visual_tokens_total": sum(r["visual_tokens_total"] or 0 for r in ok),
