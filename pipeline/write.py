@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from evaluation.scoring import is_correct
 from pipeline import output, storage
+from pipeline.faults import RetryPolicy
 from pipeline.schema import PART_SUMMARY, build_row
 
 
@@ -21,7 +22,8 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
     """Ray Data UDF (tasks): write the batch as one part, return one summary row."""
     options = storage.fsspec_options(output_uri, **storage_config)
     start = time.perf_counter()
-    part = output.write_part(batch, output_uri, options)
+    # Retries transient errors; past the policy, StorageUnavailable (an OSError naming the part) fails the task.
+    part = output.write_part(batch, output_uri, options, RetryPolicy.from_storage(storage_config))
     write_ms = 1000.0 * (time.perf_counter() - start)
     rows = batch.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
