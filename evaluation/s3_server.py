@@ -3,6 +3,9 @@
 ``weed mini`` runs master, volume, filer, S3 and admin in one process. Every port it opens is chosen free (with its
 gRPC port at +10000, which SeaweedFS's internal worker assumes), so two test sessions, or a developer's own
 SeaweedFS on the default ports, do not collide. Credentials are random per server and enforced.
+
+Outage drills: ``stop_s3_server(proc)`` then ``relaunch_s3_server(server)`` (or ``restart_s3_server``) brings
+the same server back (same ports, so the same endpoint, same data and credentials).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.storage import fsspec_options
@@ -37,6 +40,9 @@ class S3Server:
     key: str
     secret: str
     bucket: str
+    # Where weed keeps its data and which ports it took: what relaunch_s3_server needs to bring it back as it was.
+    directory: Path | None = field(default=None, repr=False, compare=False)
+    ports: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     def options(self) -> dict:
         """fsspec/s3fs storage options for this server."""
@@ -132,8 +138,11 @@ def _log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _launch(directory: Path, bucket: str, key: str, secret: str) -> tuple[str, subprocess.Popen, Path]:
-    ports = dict(zip(SERVICES, _free_ports(len(SERVICES)), strict=True))
+def _launch(
+    directory: Path, bucket: str, key: str, secret: str, ports: dict[str, int] | None = None
+) -> tuple[str, subprocess.Popen, Path, dict[str, int]]:
+    """Start weed (without waiting for it) on ``ports``, or on free ones; (endpoint, process, log, ports)."""
+    ports = ports or dict(zip(SERVICES, _free_ports(len(SERVICES)), strict=True))
     data = directory / "data"
     data.mkdir(parents=True, exist_ok=True)
     log_path = directory / "weed.log"
@@ -170,7 +179,19 @@ def _launch(directory: Path, bucket: str, key: str, secret: str) -> tuple[str, s
             cwd=directory,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-    return f"http://{HOST}:{ports['s3']}", proc, log_path
+    return f"http://{HOST}:{ports['s3']}", proc, log_path, ports
+
+
+def _wait_ready(endpoint_url: str, bucket: str, key: str, secret: str, proc: subprocess.Popen) -> bool:
+    """True once S3 answers; False if weed exits or STARTUP_DEADLINE_S passes first."""
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if _s3_ready(endpoint_url, bucket, key, secret):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def start_s3_server(directory: Path, bucket: str = "test-bucket") -> tuple[S3Server, subprocess.Popen]:
@@ -181,14 +202,10 @@ def start_s3_server(directory: Path, bucket: str = "test-bucket") -> tuple[S3Ser
     secret = secrets.token_urlsafe(24)
     directory = Path(directory)
     for attempt in range(3):
-        endpoint_url, proc, log_path = _launch(directory / f"weed-{attempt}", bucket, key, secret)
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            if _s3_ready(endpoint_url, bucket, key, secret):
-                return S3Server(endpoint_url, key, secret, bucket), proc
-            time.sleep(0.2)
+        where = directory / f"weed-{attempt}"
+        endpoint_url, proc, log_path, ports = _launch(where, bucket, key, secret)
+        if _wait_ready(endpoint_url, bucket, key, secret, proc):
+            return S3Server(endpoint_url, key, secret, bucket, directory=where, ports=ports), proc
         exited = proc.poll() is not None
         stop_s3_server(proc)
         # An early exit is most likely a port taken between our check and weed's bind: retry with new ports.
@@ -210,3 +227,27 @@ def stop_s3_server(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def relaunch_s3_server(server: S3Server) -> subprocess.Popen:
+    """Start a stopped server again as it was: same ports (so the same endpoint), data, bucket and credentials.
+
+    For outage drills: ``stop_s3_server(proc)``, let clients fail for a while, then ``relaunch_s3_server``;
+    returns the new process once S3 answers. Raises RuntimeError (with the log's tail) if it does not come up.
+    """
+    if server.directory is None or server.ports is None:
+        raise ValueError("relaunch_s3_server needs a server made by start_s3_server")
+    endpoint_url, proc, log_path, _ = _launch(server.directory, server.bucket, server.key, server.secret, server.ports)
+    if not _wait_ready(endpoint_url, server.bucket, server.key, server.secret, proc):
+        stop_s3_server(proc)
+        raise RuntimeError(
+            f"SeaweedFS S3 server did not come back at {endpoint_url} (exit code {proc.returncode}; a port "
+            f"taken while it was down?); last lines of {log_path}:\n{_log_tail(log_path)}"
+        )
+    return proc
+
+
+def restart_s3_server(server: S3Server, proc: subprocess.Popen) -> subprocess.Popen:
+    """Stop the server and start it again on the same ports and data; returns the new process."""
+    stop_s3_server(proc)
+    return relaunch_s3_server(server)

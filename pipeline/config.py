@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from operators.settings import EngineConfig, SettingError
-from pipeline.schema import OUTPUT_SCHEMA_VERSION
+from pipeline.faults import RetryPolicy
+from pipeline.schema import FINGERPRINT_SCHEMA
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "3gp")
@@ -59,6 +60,11 @@ class StorageConfig(_Section):
     key: str | None = None
     secret: str | None = Field(None, repr=False)
     anon: bool = False
+    # Transient storage errors (pipeline.faults) are retried: this many tries, with waits drawn from
+    # [0, min(retry_max_wait_s, retry_base_s * 2**n)]; the defaults ride out a ~30 s outage.
+    retry_attempts: int = Field(RetryPolicy.attempts, ge=1, le=100)
+    retry_base_s: float = Field(RetryPolicy.base_s, ge=0, le=60, allow_inf_nan=False)
+    retry_max_wait_s: float = Field(RetryPolicy.max_wait_s, ge=0, le=600, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -239,7 +245,7 @@ class Config(_Section):
         """
         sampling = self.decode.temperature > 0
         relevant = {
-            "schema": OUTPUT_SCHEMA_VERSION,
+            "schema": FINGERPRINT_SCHEMA,  # not OUTPUT_SCHEMA_VERSION: added columns must not orphan output
             "task": self.task,
             "model": {"path": self.model.path, "dtype": self.model.dtype, "pad_to_square": self.model.pad_to_square},
             "prompt": self.prompt.model_dump(),

@@ -9,11 +9,12 @@ Every input row comes out exactly once, with either frames or an error.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import faults, storage
 from pipeline.media import DecodeWorker, MediaError, MediaOptions
 from pipeline.schema import DECODED_SCHEMA, WORK_FIELDS, build_row
 
@@ -26,35 +27,57 @@ def _worker(options: MediaOptions) -> DecodeWorker:
     return _workers[options]
 
 
-def read_error(uri: str, error: Exception) -> tuple[str, str]:
-    """(error_kind, message) for a failure to fetch the bytes."""
+class ReadFailure(NamedTuple):
+    """Why a row's bytes could not be read: its ``error_kind``, ``error``, ``retryable`` and ``attempts``."""
+
+    kind: str  # not_found, too_large or read_failed
+    message: str
+    retryable: bool  # transient (storage unavailable until the retries ran out): a later run may succeed
+    attempts: int  # reads tried
+
+
+def read_error(uri: str, error: Exception) -> ReadFailure:
+    """The row's error for a failure to fetch the bytes (``error`` as ``faults.with_retries`` raised it)."""
+    retryable, attempts = faults.is_transient(error), faults.attempts_of(error)
     if isinstance(error, FileNotFoundError):
-        return "not_found", f"{uri} does not exist"
+        return ReadFailure("not_found", f"{uri} does not exist", retryable, attempts)
     if isinstance(error, PermissionError):
-        return "read_failed", f"access denied reading {uri}"
+        return ReadFailure("read_failed", f"access denied reading {uri}", retryable, attempts)
     if isinstance(error, IsADirectoryError):
-        return "read_failed", f"{uri} is a directory"
+        return ReadFailure("read_failed", f"{uri} is a directory", retryable, attempts)
     if isinstance(error, ValueError) and "limit" in str(error):
-        return "too_large", str(error)
-    return "read_failed", f"reading {uri} failed: {type(error).__name__}: {error}"
+        return ReadFailure("too_large", str(error), retryable, attempts)
+    if isinstance(error, faults.StorageUnavailable):  # its message names the URI, the attempts and the cause
+        return ReadFailure("read_failed", str(error), retryable, attempts)
+    return ReadFailure("read_failed", f"reading {uri} failed: {type(error).__name__}: {error}", retryable, attempts)
 
 
 def decode_row(row: dict, worker: DecodeWorker, options: MediaOptions, storage_config: dict | None) -> dict:
+    """The decoded row (DECODED_SCHEMA) of a work row: frames, or an error; ``attempts`` reads tried."""
     start = time.perf_counter()
-    out = {**row, "frames": None, "frame_shape": None, "error_kind": None, "error": None}
+    out = {**row, "frames": None, "frame_shape": None, "error_kind": None, "error": None, "retryable": None}
+    policy = faults.RetryPolicy.from_storage(storage_config)
     try:
         # Options per URI: a manifest may mix local paths and object-store URIs.
         fs_options = storage.fsspec_options(row["uri"], **(storage_config or {}))
-        data = storage.read_bytes(row["uri"], fs_options, max_bytes=options.max_bytes)
+        # An object store that is down for a while (a restart, throttling) must not turn readable media
+        # into permanent error rows: transient failures are retried (pipeline.faults).
+        data, out["attempts"] = faults.with_retries(
+            lambda: storage.read_bytes(row["uri"], fs_options, max_bytes=options.max_bytes),
+            policy,
+            f"reading {row['uri']}",
+        )
     except Exception as e:  # any read failure is this row's error, never the task's
-        out["error_kind"], out["error"] = read_error(row["uri"], e)
+        failure = read_error(row["uri"], e)
+        out["error_kind"], out["error"] = failure.kind, failure.message
+        out["retryable"], out["attempts"] = failure.retryable, failure.attempts
     else:
         try:
             decoded = worker.decode(data, row["uri"])
         except MediaError as e:
-            out["error_kind"], out["error"] = e.kind, e.message
+            out["error_kind"], out["error"], out["retryable"] = e.kind, e.message, False
         except Exception as e:  # a bug in decoding: keep it on the row, with its type
-            out["error_kind"], out["error"] = "decode_failed", f"{type(e).__name__}: {e}"
+            out["error_kind"], out["error"], out["retryable"] = "decode_failed", f"{type(e).__name__}: {e}", False
         else:
             frames = np.ascontiguousarray(decoded.frames, dtype=np.uint8)
             out["media_type"] = decoded.kind

@@ -105,7 +105,9 @@ class InferenceStage:
             return self.generate(rows, bases)
         except Exception as batch_error:
             if len(rows) == 1:
-                return [error_row(bases[0], error_kind="inference_failed", error=_describe(batch_error))]
+                # the engine failed on this row alone: rerunning the same row with the same model fails again
+                error = _describe(batch_error)
+                return [error_row(bases[0], error_kind="inference_failed", error=error, retryable=False)]
             log.warning("engine batch of %d failed (%s); retrying rows one at a time", len(rows), batch_error)
             return [out for row, base in zip(rows, bases, strict=True) for out in self.run_rows([row], [base])]
 
@@ -152,6 +154,8 @@ def base_values(row: dict, config: Config, fingerprint: str, run_id: str) -> dic
         "decode_strategy": config.decode.strategy,
         "num_frames": None if failed else row["frame_shape"][0],
         "decode_ms": row["decode_ms"],
+        "retryable": row["retryable"],  # a decode error's, or null (ok_row keeps it null)
+        "attempts": row["attempts"],
         "config_fingerprint": fingerprint,
         "run_id": run_id,
         "created_at": datetime.now(UTC),
@@ -169,6 +173,7 @@ def ok_row(base: dict, result) -> dict:
     latency_ms = sum(result.stage_ms.values())
     values = {
         "status": "ok",
+        "retryable": None,  # only rows in error say whether a later run may succeed
         "text": result.text,
         "visual_tokens_total": result.visual_tokens_total,
         "visual_tokens_kept": result.visual_tokens_kept,

@@ -10,10 +10,14 @@ Exactly-once comes from the layout, not from Ray: a part file appears whole or n
 (temporary name + rename locally, one PUT on object stores), a part's name is a function of its
 content, so a retried write task rewrites the same file, and a rerun first reads the
 ``(item_id, config_fingerprint)`` pairs already written and skips them.
+
+Part writes and the resume reads retry transient storage errors (``pipeline.faults``): an object store
+that is away for a while delays a run instead of failing it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import faults, storage
+from pipeline.faults import RetryPolicy, StorageUnavailable, with_retries
 from pipeline.schema import KEY_COLUMNS, OUTPUT_SCHEMA_VERSION, SCHEMA
 
 # Parquet key/value metadata of every part: a part holds one config's rows, so a reader can tell a
@@ -38,8 +43,13 @@ def part_name(item_ids: list[str], fingerprint: str) -> str:
     return f"part-{digest.hexdigest()[:20]}.parquet"
 
 
-def write_part(table: pa.Table, output_uri: str, options: dict | None = None) -> str:
-    """Write one part atomically; returns its URI. Same rows, same name: retries are idempotent."""
+def write_part(table: pa.Table, output_uri: str, options: dict | None = None, policy: RetryPolicy | None = None) -> str:
+    """Write one part atomically; returns its URI. Same rows, same name: retries are idempotent.
+
+    Transient storage errors are retried per ``policy`` (default ``RetryPolicy()``); when they outlast it,
+    raises ``faults.StorageUnavailable`` naming the part, the cause and the attempts. A permanent error
+    (a full or read-only disk, no permission) is raised at once, as an OSError naming the part.
+    """
     table = table.select(SCHEMA.names).cast(SCHEMA)
     fingerprints = set(table.column("config_fingerprint").to_pylist())
     if len(fingerprints) != 1:
@@ -51,8 +61,26 @@ def write_part(table: pa.Table, output_uri: str, options: dict | None = None) ->
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     uri = storage.join(output_uri, name)
-    storage.write_bytes_atomic(uri, buffer.getvalue(), options)
+    data = buffer.getvalue()
+    try:
+        with_retries(
+            lambda: storage.write_bytes_atomic(uri, data, options), policy or RetryPolicy(), f"writing part {uri}"
+        )
+    except StorageUnavailable:
+        raise
+    except OSError as e:
+        raise _not_retried(uri, e) from e
     return uri
+
+
+def _not_retried(uri: str, error: OSError) -> OSError:
+    """``error`` reworded to name the part, keeping its errno and builtin class (ENOSPC, EROFS, EACCES, ...)."""
+    if error.errno is not None:
+        code = errno.errorcode.get(error.errno, str(error.errno))
+        # OSError(errno, text) picks the errno's class itself: EACCES gives a PermissionError.
+        return OSError(error.errno, f"cannot write part {uri}: {error.strerror} ({code}; not retried)")
+    builtin = next(c for c in type(error).__mro__ if c.__module__ == "builtins")
+    return builtin(f"cannot write part {uri}: {faults.describe(error)} (not retried)")
 
 
 def part_metadata(uri: str, options: dict | None = None) -> dict[str, str]:
@@ -61,25 +89,35 @@ def part_metadata(uri: str, options: dict | None = None) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in meta.items() if k.decode() in PART_METADATA_KEYS}
 
 
-def part_files(output_uri: str, options: dict | None = None) -> list[str]:
-    """URIs of the part files directly under the output (a fresh listing, never a cached one)."""
+def part_files(output_uri: str, options: dict | None = None, policy: RetryPolicy | None = None) -> list[str]:
+    """URIs of the part files directly under the output (a fresh listing, never a cached one).
+
+    Transient errors are retried per ``policy`` (default ``RetryPolicy()``): a resume must not start over,
+    or stop, because the object store blinked.
+    """
     fs, path = storage.open_fs(output_uri, options)
-    try:
-        names = fs.ls(path, detail=False, refresh=True)
-    except FileNotFoundError:
-        return []
+
+    def listing() -> list[str]:
+        try:
+            return fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+
+    names, _ = with_retries(listing, policy or RetryPolicy(), f"listing {output_uri}")
     names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in names)
     return [storage.join(output_uri, n) for n in names if n.startswith("part-") and n.endswith(".parquet")]
 
 
-def read_keys(output_uri: str, options: dict | None = None) -> pa.Table:
-    """(item_id, config_fingerprint, status) of every row already written."""
-    files = part_files(output_uri, options)
+def read_keys(output_uri: str, options: dict | None = None, policy: RetryPolicy | None = None) -> pa.Table:
+    """(item_id, config_fingerprint, status) of every row already written; transient errors retried."""
+    policy = policy or RetryPolicy()
+    files = part_files(output_uri, options, policy)
     columns = [*KEY_COLUMNS, "status"]
 
     def read(uri: str) -> pa.Table:
+        data, _ = with_retries(lambda: storage.read_bytes(uri, options), policy, f"reading part {uri}")
         # without the part's metadata: concat_tables would keep the first part's fingerprint for all of them
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri, options)), columns=columns).replace_schema_metadata()
+        return pq.read_table(io.BytesIO(data), columns=columns).replace_schema_metadata()
 
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})

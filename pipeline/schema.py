@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-# Bumped when the Parquet schema or the meaning of a column changes; part of the fingerprint.
-OUTPUT_SCHEMA_VERSION = 3
+# Bumped when the Parquet schema or the meaning of a column changes; written to every part's footer.
+# 4 added `retryable` and `attempts` (at the end, so every v3 column keeps its position).
+OUTPUT_SCHEMA_VERSION = 4
+# The schema's share of the config fingerprint (pipeline.config.Config.fingerprint). Bumped only when the
+# rows written for the same config would differ in content (what a column means, how text is made), not
+# when columns are added: v4's new columns left it at 3, so output written by v3 keeps resuming.
+FINGERPRINT_SCHEMA = 3
 
 # The output contract (README "Output schema"); OUTPUT_SCHEMA_VERSION changes with it.
 SCHEMA = pa.schema(
@@ -51,6 +56,10 @@ SCHEMA = pa.schema(
         ("config_fingerprint", pa.string()),
         ("run_id", pa.string()),
         ("created_at", pa.timestamp("ms", tz="UTC")),
+        # v4. True: the row failed on storage that stayed unavailable (transient: a later run may succeed);
+        # False: any other error (not found, corrupt, inference_failed, ...); null on ok rows.
+        ("retryable", pa.bool_()),
+        ("attempts", pa.int32()),  # reads of the row's media tried (1 unless retried); null in v3 parts
     ]
 )
 KEY_COLUMNS = ["item_id", "config_fingerprint"]
@@ -70,6 +79,8 @@ DECODED_FIELDS = [
     ("frame_shape", pa.list_(pa.int32())),  # [T, H, W, 3]
     ("error_kind", pa.string()),
     ("error", pa.string()),
+    ("retryable", pa.bool_()),  # on a read error: transient (storage unavailable) or not; null when decoded
+    ("attempts", pa.int32()),  # reads tried (pipeline.faults.with_retries)
     ("decode_ms", pa.float64()),
 ]
 DECODED_SCHEMA = pa.schema(WORK_FIELDS + DECODED_FIELDS)
@@ -82,6 +93,7 @@ PART_SUMMARY = pa.schema(
         ("rows", pa.int64()),
         ("ok", pa.int64()),
         ("error_kinds", pa.string()),  # JSON {kind: count}
+        ("retryable_errors", pa.int64()),  # rows in error with retryable=True: storage was unavailable
         ("generated_tokens", pa.int64()),
         ("visual_tokens_kept", pa.int64()),
         ("visual_tokens_total", pa.int64()),

@@ -31,12 +31,18 @@ def fsspec_options(
     key: str | None = None,
     secret: str | None = None,
     anon: bool = False,
+    retry_attempts: int | None = None,
+    retry_base_s: float | None = None,
+    retry_max_wait_s: float | None = None,
 ) -> dict:
     """Storage options for ``fsspec.url_to_fs(uri, **options)``.
 
     s3:// gets s3fs keyword arguments; every other protocol gets ``{}``. Unset values are left out so that the
     standard AWS chain applies (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE,
     AWS_DEFAULT_REGION, AWS_ENDPOINT_URL(_S3), ~/.aws profiles, instance roles).
+
+    The ``retry_*`` settings are taken so that a whole ``storage`` section (``StorageConfig.model_dump()``)
+    can be passed as is; they are no fsspec option: ``pipeline.faults.RetryPolicy.from_storage`` reads them.
     """
     if _protocol(uri) not in S3_PROTOCOLS:
         return {}

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from evaluation.scoring import is_correct
 from pipeline import output, storage
+from pipeline.faults import RetryPolicy
 from pipeline.schema import PART_SUMMARY, build_row
 
 
@@ -21,7 +22,8 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
     """Ray Data UDF (tasks): write the batch as one part, return one summary row."""
     options = storage.fsspec_options(output_uri, **storage_config)
     start = time.perf_counter()
-    part = output.write_part(batch, output_uri, options)
+    # Retries transient errors; past the policy, StorageUnavailable (an OSError naming the part) fails the task.
+    part = output.write_part(batch, output_uri, options, RetryPolicy.from_storage(storage_config))
     write_ms = 1000.0 * (time.perf_counter() - start)
     rows = batch.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
@@ -34,6 +36,8 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
         "rows": len(rows),
         "ok": len(ok),
         "error_kinds": json.dumps(dict(kinds)),
+        # errors a later run may fix (storage was unavailable), apart from those it would only repeat
+        "retryable_errors": sum(r["status"] != "ok" and r["retryable"] is True for r in rows),
         "generated_tokens": sum(r["generated_tokens"] or 0 for r in ok),
         "visual_tokens_kept": sum(r["visual_tokens_kept"] or 0 for r in ok),
         "visual_tokens_total": sum(r["visual_tokens_total"] or 0 for r in ok),

@@ -30,9 +30,9 @@ def test_parts_without_columns_added_later_read_as_nulls(tmp_path):
 def test_parts_carry_schema_version_and_fingerprint_in_their_footer(tmp_path):
     uri = output.write_part(pa.Table.from_pylist([row("a"), row("b")], schema=SCHEMA), str(tmp_path))
     meta = pq.read_metadata(uri).metadata
-    assert meta[b"vlm_batch.schema_version"] == str(OUTPUT_SCHEMA_VERSION).encode() == b"3"
+    assert meta[b"vlm_batch.schema_version"] == str(OUTPUT_SCHEMA_VERSION).encode() == b"4"
     assert meta[b"vlm_batch.config_fingerprint"] == b"f"
-    assert output.part_metadata(uri) == {"vlm_batch.schema_version": "3", "vlm_batch.config_fingerprint": "f"}
+    assert output.part_metadata(uri) == {"vlm_batch.schema_version": "4", "vlm_batch.config_fingerprint": "f"}
     assert pq.read_schema(uri).remove_metadata() == SCHEMA  # the rows' schema is unchanged
     pq.write_table(pa.Table.from_pylist([row("c")], schema=SCHEMA), tmp_path / "part-old.parquet")
     assert output.part_metadata(str(tmp_path / "part-old.parquet")) == {}  # written before the keys existed

@@ -41,6 +41,8 @@ def decoded(item_id: str, error_kind: str | None = None, frames: int = 4) -> dic
             "frame_shape": None if error_kind else shape,
             "error_kind": error_kind,
             "error": f"it is {error_kind}" if error_kind else None,
+            "retryable": False if error_kind else None,
+            "attempts": 1,
             "decode_ms": 1.5,
         },
         "decoded row",
