@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline import output, storage
 from pipeline.config import ConfigError
+from pipeline.faults import RetryPolicy, with_retries
 
 INDEX_COLUMNS = ("item_id", "config_fingerprint", "status", "error_kind", "retryable", "created_at", "run_id")
 # Error kinds a row can carry (pipeline.media ERROR_KINDS plus the read and inference stages' own).
@@ -47,11 +48,15 @@ def check_retry_kinds(kinds: list[str]) -> frozenset[str]:
     return frozenset(kinds)
 
 
-def read_index(output_uri: str, fingerprint: str, options: dict | None = None) -> list[dict]:
-    """This config's rows under the output (``INDEX_COLUMNS`` plus ``part``, the file holding each)."""
+def read_index(
+    output_uri: str, fingerprint: str, options: dict | None = None, policy: RetryPolicy | None = None
+) -> list[dict]:
+    """This config's rows under the output (``INDEX_COLUMNS`` plus ``part``, the file holding each);
+    transient storage errors are retried per ``policy``."""
+    policy = policy or RetryPolicy()
 
     def read(uri: str) -> list[dict]:
-        data = storage.read_bytes(uri, options)
+        data, _ = with_retries(lambda: storage.read_bytes(uri, options), policy, f"reading part {uri}")
         names = pq.read_schema(io.BytesIO(data)).names
         table = pq.read_table(io.BytesIO(data), columns=[c for c in INDEX_COLUMNS if c in names])
         rows = table.to_pylist()
@@ -60,7 +65,7 @@ def read_index(output_uri: str, fingerprint: str, options: dict | None = None) -
             row["part"] = uri
         return [r for r in rows if r["config_fingerprint"] == fingerprint]
 
-    files = output.part_files(output_uri, options)
+    files = output.part_files(output_uri, options, policy)
     with ThreadPoolExecutor(max_workers=16) as pool:  # object stores: latency-bound, so read in parallel
         return [row for rows in pool.map(read, files) for row in rows]
 
@@ -85,32 +90,45 @@ def needs_redo(row: dict, retry_kinds: frozenset[str]) -> bool:
 
 
 def done_items(
-    output_uri: str, fingerprint: str, options: dict | None = None, retry_kinds: frozenset[str] = frozenset()
+    output_uri: str,
+    fingerprint: str,
+    options: dict | None = None,
+    retry_kinds: frozenset[str] = frozenset(),
+    policy: RetryPolicy | None = None,
 ) -> tuple[set[str], int]:
     """(item ids a run of this config can skip, how many of the others are earlier errors to redo)."""
-    current = current_rows(read_index(output_uri, fingerprint, options))
+    current = current_rows(read_index(output_uri, fingerprint, options, policy))
     redo = {i for i, row in current.items() if needs_redo(row, retry_kinds)}
     return set(current) - redo, len(redo)
 
 
-def drop_superseded(output_uri: str, fingerprint: str, options: dict | None = None) -> int:
+def drop_superseded(
+    output_uri: str, fingerprint: str, options: dict | None = None, policy: RetryPolicy | None = None
+) -> int:
     """Rewrite the parts holding rows that a newer row of the same item and config replaced, without
     them (a part left empty is deleted). Returns how many rows were dropped."""
-    index = read_index(output_uri, fingerprint, options)
+    policy = policy or RetryPolicy()
+    index = read_index(output_uri, fingerprint, options, policy)
     current = current_rows(index)
     stale: dict[str, set[tuple]] = {}
     for row in index:
         if row is not current[row["item_id"]]:
             stale.setdefault(row["part"], set()).add(_row_key(row))
     for part, keys in stale.items():
-        table = pq.read_table(io.BytesIO(storage.read_bytes(part, options)))
-        keep = [_row_key(r) not in keys for r in table.select(["item_id", "created_at", "run_id"]).to_pylist()]
-        kept = table.filter(pa.array(keep))
-        if kept.num_rows:
-            output.rewrite_part(kept, part, options)
-        else:
-            storage.delete(part, options)
+        _drop_rows(part, keys, options, policy)
     return sum(len(keys) for keys in stale.values())
+
+
+def _drop_rows(part: str, keys: set[tuple], options: dict | None, policy: RetryPolicy) -> None:
+    """Rewrite ``part`` without the rows named by ``keys`` (delete it if none is left)."""
+    data, _ = with_retries(lambda: storage.read_bytes(part, options), policy, f"reading part {part}")
+    table = pq.read_table(io.BytesIO(data))
+    keep = [_row_key(r) not in keys for r in table.select(["item_id", "created_at", "run_id"]).to_pylist()]
+    kept = table.filter(pa.array(keep))
+    if kept.num_rows:
+        with_retries(lambda: output.rewrite_part(kept, part, options), policy, f"rewriting part {part}")
+    else:
+        with_retries(lambda: storage.delete(part, options), policy, f"deleting part {part}")
 
 
 def _row_key(row: dict) -> tuple:

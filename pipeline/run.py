@@ -24,6 +24,7 @@ import pyarrow as pa
 from pipeline import exit_status, resume, storage
 from pipeline.config import Config, ConfigError
 from pipeline.console import without_known_noise
+from pipeline.faults import RetryPolicy
 from pipeline.models import ModelInfo, check_model
 from pipeline.progress import ProgressReporter
 from pipeline.resume import check_retry_kinds
@@ -137,6 +138,11 @@ class Summary:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    """How the driver retries transient storage errors (the ``storage.retry_*`` keys)."""
+    return RetryPolicy.from_storage(config.storage.model_dump())
 
 
 def options_for(uri: str, config: Config) -> dict:
@@ -304,7 +310,9 @@ def prepare(config: Config) -> Prepared:
     fingerprint = config.fingerprint()
     work = load_work_rows(config, options_for(config.input.uri, config))
     retry_kinds = check_retry_kinds(config.output.retry_errors)
-    done, _ = resume.done_items(config.output.uri, fingerprint, options_for(config.output.uri, config), retry_kinds)
+    done, _ = resume.done_items(
+        config.output.uri, fingerprint, options_for(config.output.uri, config), retry_kinds, retry_policy(config)
+    )
     # Grouped by media type, so engine batches hold prompts of similar length (images apart from videos).
     todo = sorted((row for row in work if row["item_id"] not in done), key=lambda row: row["media_type"] or "")
     return Prepared(config, new_run_id(), fingerprint, work, {r["item_id"] for r in work} & done, todo, model)
@@ -317,8 +325,10 @@ def execute(prepared: Prepared, log=print) -> Summary:
     out_options = options_for(config.output.uri, config)
     summary = Summary(run_id, config.output.uri, prepared.fingerprint, len(work), len(work) - len(todo))
     # Rows a killed run had already superseded but not yet removed go first (one current row per item).
-    resume.drop_superseded(config.output.uri, prepared.fingerprint, out_options)
-    written_before = {row["item_id"] for row in resume.read_index(config.output.uri, prepared.fingerprint, out_options)}
+    policy = retry_policy(config)
+    resume.drop_superseded(config.output.uri, prepared.fingerprint, out_options, policy)
+    index = resume.read_index(config.output.uri, prepared.fingerprint, out_options, policy)
+    written_before = {row["item_id"] for row in index}
     summary.items_redone = sum(1 for row in todo if row["item_id"] in written_before)
     log(
         f"run {run_id}: {len(work)} items from {config.input.uri}; {summary.items_skipped} already in "
@@ -330,7 +340,7 @@ def execute(prepared: Prepared, log=print) -> Summary:
         with without_known_noise():  # Ray core's false alarm about the actor pool (pipeline.console)
             summary = consume(build_plan(todo, config, run_id), summary, driver_progress_interval(config), log)
     summary.seconds = time.perf_counter() - start
-    finish(summary, work, out_options)
+    finish(summary, work, out_options, policy)
     write_run_record(config, summary, out_options)
     for line in summary.lines():
         log(line)
@@ -421,13 +431,13 @@ def consume(ds, summary: Summary, progress_interval_s: float | None = None, log=
     return summary
 
 
-def finish(summary: Summary, work: list[dict], options: dict) -> None:
+def finish(summary: Summary, work: list[dict], options: dict, policy: RetryPolicy | None = None) -> None:
     """Rates, plus the exactly-once check against what is now under the output."""
     if summary.seconds > 0:
         summary.items_per_second = summary.items_processed / summary.seconds
         summary.generated_tokens_per_second = summary.generated_tokens / summary.seconds
-    summary.superseded = resume.drop_superseded(summary.output, summary.config_fingerprint, options)
-    index = resume.read_index(summary.output, summary.config_fingerprint, options)
+    summary.superseded = resume.drop_superseded(summary.output, summary.config_fingerprint, options, policy)
+    index = resume.read_index(summary.output, summary.config_fingerprint, options, policy)
     counts = Counter(row["item_id"] for row in index)
     summary.rows_for_config = len(index)
     summary.duplicates = sum(n - 1 for n in counts.values() if n > 1)

@@ -1,0 +1,114 @@
+"""Fault drills through the real command line and a real local Ray: each asserts rows per item, the
+exit status and the message. (Actor SIGKILL and driver SIGKILL + rerun: tests/test_pipeline.py and
+tests/test_pipeline_kill.py.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline import exit_status
+from pipeline.output import part_files, read_output
+from synthetic.corpus import write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(600)
+
+# Small, slow enough to strike mid-run: one item per engine batch and per part.
+JOB = ["--config", "configs/demo.yaml", "decode.max_new_tokens=12", "compute.batch_size=1", "ray.address=local",
+       "compute.batch_tokens=null", "output.rows_per_file=1", "ray.progress_interval_s=null"]  # fmt: skip
+
+
+def start_job(*args: str, env: dict | None = None) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    environment.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, "jobs/caption.py", *JOB, *args],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(job: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = job.communicate(timeout=300)
+    return job.returncode, out, err
+
+
+def wait_for_parts(output: str, count: int, job: subprocess.Popen, options: dict | None = None) -> None:
+    deadline = time.time() + 120
+    while len(part_files(output, options)) < count:
+        assert job.poll() is None, f"the job ended first: {finish(job)}"
+        assert time.time() < deadline, "no part appeared"
+        time.sleep(0.05)
+
+
+def one_ok_row_per_item(output: str, items: int, options: dict | None = None) -> None:
+    rows = read_output(output, options).to_pylist()
+    counts = Counter(r["item_id"] for r in rows)
+    assert len(counts) == items and set(counts.values()) == {1}, counts
+    assert all(r["status"] == "ok" for r in rows), [(r["item_id"], r["error"]) for r in rows if r["status"] != "ok"]
+
+
+def stopped_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs of our own: it can be filled and remounted read-only (root only; else skipped)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_output_disk_read_only_then_full_then_fixed(small_disk, tmp_path):
+    """Read-only mid-run, then full mid-run: each run stops with status 6 and one line naming the
+    disk, committed parts stay readable; after the fix the same command completes the output."""
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), seed=77, n_images=8, n_videos=0)
+    output = str(small_disk / "captions")
+    args = ("--input", str(corpus), "--output", output)
+
+    job = start_job(*args)
+    wait_for_parts(output, 1, job)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    status, _, err = finish(job)
+    assert status == exit_status.INFRASTRUCTURE, err[-3000:]
+    line = stopped_line(err)
+    assert "the disk failed" in line and "Read-only file system" in line and "rerun the same command" in line
+    written = len(read_output(output).to_pylist())
+    assert written >= 1
+
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    job = start_job(*args)
+    wait_for_parts(output, written + 1, job)
+    with (small_disk / "filler").open("wb") as filler:  # take every byte left
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+    status, _, err = finish(job)
+    assert status == exit_status.INFRASTRUCTURE, err[-3000:]
+    assert "the disk failed" in stopped_line(err) and "No space left on device" in stopped_line(err)
+
+    (small_disk / "filler").unlink()
+    status, out, err = finish(start_job(*args))
+    assert status == exit_status.OK, err[-3000:]
+    one_ok_row_per_item(output, 8)
