@@ -13,6 +13,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -228,8 +229,14 @@ def one_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
+RAY_WRAPPERS = ("RayTaskError", "UserCodeException", "RayActorError")
+ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Unavailable)): (.+)$")
+
+
 def short_cause(error: BaseException) -> str:
-    """``Type: first line`` of the innermost cause (Ray wraps an actor's exception in its own)."""
+    """``Type: message`` of the innermost cause. Ray hands the driver a task's exception as text inside
+    its own (the chain does not survive pickling), so the last ``SomeError: message`` line of that text
+    that is not one of Ray's wrappers is the cause."""
     seen = set()
     while id(error) not in seen:
         seen.add(id(error))
@@ -237,6 +244,11 @@ def short_cause(error: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         error = inner
+    if any(name in type(error).__name__ for name in RAY_WRAPPERS):
+        for line in reversed(str(error).splitlines()):
+            match = ERROR_LINE.match(line)
+            if match and not any(name in match[1] for name in RAY_WRAPPERS):
+                return f"{match[1]}: {match[2].strip()[:300]}"
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     text = lines[-1].strip() if lines else ""
     return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__

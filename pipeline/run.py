@@ -24,7 +24,7 @@ import pyarrow as pa
 from pipeline import exit_status, resume, storage
 from pipeline.config import Config, ConfigError
 from pipeline.console import without_known_noise
-from pipeline.faults import RetryPolicy
+from pipeline.faults import RetryPolicy, StorageUnavailable
 from pipeline.models import ModelInfo, check_model
 from pipeline.progress import ProgressReporter
 from pipeline.resume import check_retry_kinds
@@ -415,6 +415,8 @@ def consume(ds, summary: Summary, progress_interval_s: float | None = None, log=
     with ProgressReporter(todo, progress_interval_s, emit=log) as progress:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for part in batch.to_pylist():
+                if part["write_error"]:
+                    raise write_failure(part)
                 summary.add_part(part)
                 progress.add(part["ok"], part["rows"] - part["ok"])
                 kinds.update(json.loads(part["error_kinds"]))
@@ -429,6 +431,15 @@ def consume(ds, summary: Summary, progress_interval_s: float | None = None, log=
         summary.mean_visual_tokens_kept = kept / summary.ok
         summary.mean_visual_tokens_total = total / summary.ok
     return summary
+
+
+def write_failure(part: dict) -> OSError:
+    """The error a part summary reports (``write_batch`` could not write its part), raised on the driver."""
+    if part["write_fault"] == "storage":
+        return StorageUnavailable(part["write_error"])
+    if not part["write_errno"]:
+        return OSError(part["write_error"])
+    return OSError(part["write_errno"], part["write_error"].removeprefix(f"[Errno {part['write_errno']}] "))
 
 
 def finish(summary: Summary, work: list[dict], options: dict, policy: RetryPolicy | None = None) -> None:

@@ -110,6 +110,12 @@ PART_SUMMARY = pa.schema(
         # QA rows with a reference answer, and how many of them the model answered right (errors: wrong).
         ("answers_scored", pa.int64()),
         ("answers_correct", pa.int64()),
+        # A part that could not be written (disk full, read-only, storage gone past the retries): the task
+        # reports it here rather than raising, so the driver stops the run with the error itself (Ray would
+        # wrap it in its own exception text). All counts are 0 then: nothing of the batch was written.
+        ("write_error", pa.string()),
+        ("write_errno", pa.int32()),
+        ("write_fault", pa.string()),  # "storage" (StorageUnavailable) or "disk" (an OSError)
     ]
 )
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from evaluation.scoring import is_correct
 from pipeline import output, storage
-from pipeline.faults import RetryPolicy
+from pipeline.faults import RetryPolicy, StorageUnavailable
 from pipeline.schema import PART_SUMMARY, build_row
 
 
@@ -22,8 +22,11 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
     """Ray Data UDF (tasks): write the batch as one part, return one summary row."""
     options = storage.fsspec_options(output_uri, **storage_config)
     start = time.perf_counter()
-    # Retries transient errors; past the policy, StorageUnavailable (an OSError naming the part) fails the task.
-    part = output.write_part(batch, output_uri, options, RetryPolicy.from_storage(storage_config))
+    try:
+        # Retries transient errors; past the policy, StorageUnavailable (an OSError naming the part).
+        part = output.write_part(batch, output_uri, options, RetryPolicy.from_storage(storage_config))
+    except OSError as error:  # disk or storage: reported to the driver, which stops the run with it
+        return failed_part(batch, error)
     write_ms = 1000.0 * (time.perf_counter() - start)
     rows = batch.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
@@ -54,4 +57,19 @@ def write_batch(batch: pa.Table, output_uri: str, storage_config: dict) -> pa.Ta
         # a row in error has no text, so it counts as wrong (as jobs/videoqa.py scores it)
         "answers_correct": sum(r["status"] == "ok" and is_correct(r["text"], r["answer"]) for r in scored),
     }
+    summary.update(write_error=None, write_errno=None, write_fault=None)
+    return pa.Table.from_pylist([build_row(PART_SUMMARY, summary, "part summary")], schema=PART_SUMMARY)
+
+
+def failed_part(batch: pa.Table, error: OSError) -> pa.Table:
+    """The summary of a part that was not written: no counts, the error to stop the run with."""
+    summary = {name: 0 for name in PART_SUMMARY.names}
+    summary.update(
+        part=None,
+        item_ids=[],
+        error_kinds="{}",
+        write_error=str(error) or type(error).__name__,
+        write_errno=error.errno,
+        write_fault="storage" if isinstance(error, StorageUnavailable) else "disk",
+    )
     return pa.Table.from_pylist([build_row(PART_SUMMARY, summary, "part summary")], schema=PART_SUMMARY)

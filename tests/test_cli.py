@@ -251,3 +251,29 @@ def test_ssd_on_the_demo_model_finds_its_twig(corpus, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "decode ssd" in done.stdout and "twig models/shapes-llava/twig" in done.stdout
+
+
+def test_what_stopped_a_run_is_named_and_classified():
+    from pipeline.faults import StorageUnavailable
+
+    class UserCodeException(Exception):  # as Ray hands a task's error to the driver: as text
+        pass
+
+    wrapped = UserCodeException(
+        "ray::MapBatches(InferenceStage)() (pid=1)\nValueError: the weights are corrupt\n\nThe above exception was "
+        "the direct cause of the following exception:\n\nray.exceptions.UserCodeException: UDF failed to process "
+        "a data block.\nTo change retry attempts ... if you believe this to be transient."
+    )
+    assert cli.short_cause(wrapped) == "ValueError: the weights are corrupt"
+    assert cli.infrastructure_fault(wrapped) is None
+    assert cli.infrastructure_fault(OSError(30, "Read-only file system")) == "the disk"
+    assert cli.infrastructure_fault(OSError(28, "No space left on device")) == "the disk"
+    unavailable = StorageUnavailable("writing part s3://b/o/part-1.parquet failed after 8 attempts", 8, "refused")
+    assert cli.infrastructure_fault(RuntimeError("stage failed")) is None
+    try:
+        raise RuntimeError("stage failed") from unavailable
+    except RuntimeError as chained:
+        assert cli.infrastructure_fault(chained) == "storage"
+    node_died = type("NodeDiedError", (Exception,), {})("node 10.0.0.3 died")
+    assert cli.infrastructure_fault(node_died) == "the cluster"
+    assert cli.infrastructure_fault(ValueError("a bug")) is None
