@@ -98,7 +98,7 @@ def parse_args(
     parents: tuple[argparse.ArgumentParser, ...] = (),
     prog: str | None = None,
 ) -> tuple[Config, argparse.Namespace]:
-    args = job_parser(description, prog, parents).parse_args(argv)
+    args = job_parser(description, prog, parents).parse_intermixed_args(argv)
     return config_from_args(args), args
 
 
@@ -278,7 +278,7 @@ def write_failure_log(error: BaseException) -> Path:
 
 def caption_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``jobs/caption.py`` / ``vlm-batch caption``."""
-    return guarded(lambda: _caption(job_parser(CAPTION_USAGE, prog).parse_args(argv)))
+    return guarded(lambda: _caption(job_parser(CAPTION_USAGE, prog).parse_intermixed_args(argv)))
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -371,7 +371,7 @@ def videoqa_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     extra.add_argument("--baseline", help="output URI of an unpruned run of the same config")
     extra.add_argument("--predictions", type=Path, help="write Video-LLaVA-style prediction JSON lines here")
     parser = job_parser(VIDEOQA_USAGE, prog, parents=(extra,))
-    return guarded(lambda: _videoqa(parser.parse_args(argv)))
+    return guarded(lambda: _videoqa(parser.parse_intermixed_args(argv)))
 
 
 def _videoqa(args: argparse.Namespace) -> int:
