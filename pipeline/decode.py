@@ -52,11 +52,27 @@ def read_error(uri: str, error: Exception) -> ReadFailure:
     return ReadFailure("read_failed", f"reading {uri} failed: {type(error).__name__}: {error}", retryable, attempts)
 
 
+# Per worker process: when a read outlasted its retries, storage is taken to be down for as long again,
+# and reads meanwhile are tried once. Otherwise, in a long outage, every row of a batch would wait out
+# the whole retry budget in turn (16 rows x ~1 min); their rows are retryable errors either way.
+_storage_down_until = 0.0
+
+
+def read_policy(policy: faults.RetryPolicy) -> faults.RetryPolicy:
+    """``policy``, or one try while storage is taken to be down (``note_outage``)."""
+    return faults.RetryPolicy(attempts=1) if time.monotonic() < _storage_down_until else policy
+
+
+def note_outage(policy: faults.RetryPolicy) -> None:
+    global _storage_down_until
+    _storage_down_until = time.monotonic() + max(policy.max_total_wait_s, 1.0)
+
+
 def decode_row(row: dict, worker: DecodeWorker, options: MediaOptions, storage_config: dict | None) -> dict:
     """The decoded row (DECODED_SCHEMA) of a work row: frames, or an error; ``attempts`` reads tried."""
     start = time.perf_counter()
     out = {**row, "frames": None, "frame_shape": None, "error_kind": None, "error": None, "retryable": None}
-    policy = faults.RetryPolicy.from_storage(storage_config)
+    policy = read_policy(faults.RetryPolicy.from_storage(storage_config))
     try:
         # Options per URI: a manifest may mix local paths and object-store URIs.
         fs_options = storage.fsspec_options(row["uri"], **(storage_config or {}))
@@ -68,6 +84,8 @@ def decode_row(row: dict, worker: DecodeWorker, options: MediaOptions, storage_c
             f"reading {row['uri']}",
         )
     except Exception as e:  # any read failure is this row's error, never the task's
+        if isinstance(e, faults.StorageUnavailable):
+            note_outage(policy)
         failure = read_error(row["uri"], e)
         out["error_kind"], out["error"] = failure.kind, failure.message
         out["retryable"], out["attempts"] = failure.retryable, failure.attempts

@@ -294,6 +294,14 @@ def work_row(uri: str) -> dict:
 SMALL = {"retry_attempts": 4, "retry_base_s": 0.01, "retry_max_wait_s": 0.02}
 
 
+@pytest.fixture(autouse=True)
+def storage_up(monkeypatch):
+    """Each test starts with no outage noted by an earlier one (pipeline.decode's per-process note)."""
+    import pipeline.decode
+
+    monkeypatch.setattr(pipeline.decode, "_storage_down_until", 0.0)
+
+
 def test_decode_retries_a_read_that_fails_twice(waits, monkeypatch):
     read = Flaky(EndpointConnectionError(endpoint_url=URL), ConnectionResetError())
     monkeypatch.setattr(storage, "read_bytes", lambda uri, options, max_bytes=None: read() and b"bytes")
@@ -317,6 +325,22 @@ def test_decode_of_a_read_that_always_fails_is_retryable(waits, monkeypatch):
     config = load_config(ROOT / "configs" / "demo.yaml")
     out = error_row(base_values(row, config, "f" * 16, "run"))
     assert (out["status"], out["error_kind"], out["retryable"], out["attempts"]) == ("error", "read_failed", True, 4)
+
+
+def test_after_a_read_outlasts_its_retries_the_next_reads_try_once(waits, monkeypatch):
+    """In a long outage the rows of a batch do not each wait out the whole budget in turn."""
+    import pipeline.decode
+
+    def down(uri, options, max_bytes=None):
+        raise EndpointConnectionError(endpoint_url=URL)
+
+    monkeypatch.setattr(storage, "read_bytes", down)
+    first = decode_row(work_row("s3://b/a.png"), FakeWorker(), MediaOptions(), SMALL)
+    second = decode_row(work_row("s3://b/b.png"), FakeWorker(), MediaOptions(), SMALL)
+    assert (first["attempts"], second["attempts"]) == (4, 1)
+    assert second["retryable"] is True and second["error_kind"] == "read_failed"
+    monkeypatch.setattr(pipeline.decode, "_storage_down_until", 0.0)  # the window has passed
+    assert decode_row(work_row("s3://b/c.png"), FakeWorker(), MediaOptions(), SMALL)["attempts"] == 4
 
 
 def test_decode_of_a_missing_file_is_permanent(tmp_path, waits):
