@@ -281,18 +281,26 @@ def caption_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return guarded(lambda: _caption(job_parser(CAPTION_USAGE, prog).parse_intermixed_args(argv)))
 
 
-def _caption(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace) -> tuple[Config, object | None]:
+    """The config, then ``--print-config``, ``--dry-run`` or the run itself; the summary is None when
+    nothing ran. Problems found before work raise ``PreWorkError``."""
     from pipeline.run import execute, prepare
 
     config = before_work(lambda: config_from_args(args))
     if args.print_config:
         print_config(config)
-        return EXIT_OK
+        return config, None
     prepared = before_work(lambda: prepare(config))
     if args.dry_run:
         print_dry_run(prepared)
+        return config, None
+    return config, execute(prepared)
+
+
+def _caption(args: argparse.Namespace) -> int:
+    config, summary = run_from_args(args)
+    if summary is None:
         return EXIT_OK
-    summary = execute(prepared)
     if args.show:
         show_rows(config, args.show)
     return finished_status(summary, config)
@@ -376,18 +384,11 @@ def videoqa_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def _videoqa(args: argparse.Namespace) -> int:
     from evaluation.scoring import relative_accuracy
-    from pipeline.run import execute, prepare
 
     args.overrides = [*args.overrides, "task=qa"]
-    config = before_work(lambda: config_from_args(args))
-    if args.print_config:
-        print_config(config)
+    config, summary = run_from_args(args)
+    if summary is None:
         return EXIT_OK
-    prepared = before_work(lambda: prepare(config))
-    if args.dry_run:
-        print_dry_run(prepared)
-        return EXIT_OK
-    summary = execute(prepared)
     rows = rows_for(config.output.uri, config.fingerprint(), config)
     unanswerable = [r for r in rows if r["answer"] is None]
     if unanswerable:
