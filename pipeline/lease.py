@@ -410,8 +410,10 @@ class Lease:
         token,
         log: Callable[[str], None],
         on_lost: Callable[[LeaseRecord | None], None] | None,
+        previous: LeaseRecord | None = None,
     ):
         self.output, self.record, self._store, self._token = output, record, store, token
+        self.previous = previous  # the lease this one replaced (released, expired or its process gone), if any
         self._log, self._on_lost = log, on_lost
         self.lost = False
         self.lost_to: LeaseRecord | None = None  # who holds it now; None if the lease object was deleted
@@ -562,7 +564,7 @@ def acquire(
                 f"output {output_uri}: run {run_id} takes over the lease of run {current.run_id} (host "
                 f"{current.host}, pid {current.pid}, started {utc(current.started)}), {why}; resuming its work"
             )
-        return Lease(store, output_uri, record, new_token, log, on_lost)._start()
+        return Lease(store, output_uri, record, new_token, log, on_lost, current)._start()
     raise OSError(f"could not take the lease of output {output_uri}: it kept changing under this run")
 
 

@@ -89,8 +89,9 @@ def test_an_expired_lease_is_taken_over_with_a_log_line(where):
     uri, options = where
     write_by_hand(where, stale())
     logs: list[str] = []
-    with take(where, "run-new", ttl_s=30, log=logs.append):
+    with take(where, "run-new", ttl_s=30, log=logs.append) as lease:
         assert read_lease(uri, "fp1", options).run_id == "run-new"
+        assert lease.previous.run_id == "dead-run"
     assert len(logs) == 1 and "\n" not in logs[0]
     assert logs[0].startswith(f"output {uri}: run run-new takes over the lease of run dead-run (host other-host, ")
     assert "without renewal" in logs[0]
