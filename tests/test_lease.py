@@ -3,18 +3,23 @@ writes) and on a store without conditions (fsspec's memory store: write, settle,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
-from pipeline import procinfo, storage
+from pipeline import cli, procinfo, storage
+from pipeline.config import load_config
 from pipeline.lease import LeaseHeld, LeaseLost, LeaseRecord, acquire, lease_uri, read_lease
 
+ROOT = Path(__file__).resolve().parent.parent
 SETTLE_S = 0.1  # the memory store's read-back wait; small, the writers are threads of one process
 
 
@@ -191,3 +196,24 @@ def test_s3_conditional_writes_are_used_and_a_store_ignoring_them_is_caught(s3_s
         assert lease._store.conditional is False
         with pytest.raises(LeaseHeld):
             acquire(uri, "fp1", s3_server.options(), "run-e", ttl_s=30, settle_s=0.1)
+
+
+@pytest.mark.skipif(not hasattr(cli, "EXIT_BUSY"), reason="the lease is not wired into the CLI yet")
+def test_the_command_line_exits_busy_while_a_run_of_the_same_config_holds_the_output(tmp_path):
+    from synthetic.corpus import write_corpus
+
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_corpus(str(corpus), seed=5, n_images=2, n_videos=0)
+    fingerprint = load_config(str(ROOT / "configs" / "demo.yaml"), [f"output.uri={out}"]).fingerprint()
+    # A live holder: this test process, on this machine, its lease good for ten minutes.
+    me = os.getpid()
+    holder = stale("run-busy", pid=me, pid_start=procinfo.start_time(me), expires=time.time() + 600)
+    write_by_hand((str(out), {}), dataclasses.replace(holder, machine=procinfo.machine_identity()), fingerprint)
+    command = [sys.executable, "jobs/caption.py", "--config", "configs/demo.yaml", "--input", str(corpus)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [*command, "--output", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == cli.EXIT_BUSY, done.stderr
+    assert done.stderr.splitlines() == [f"error: {LeaseHeld(str(out), holder)}"]  # before Ray, nothing else
+    assert not list(out.glob("part-*"))
