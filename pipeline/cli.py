@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -46,7 +47,9 @@ written for the same config, so a killed or scheduled run just picks up where it
 ``--dry-run`` does every check and says what a run would do, without Ray and without writing.
 
 exit status: 0 done; 2 bad config/input/output/model (nothing written); 3 output not one row
-per item (rerun); 4 the run stopped on an error (log file named; rerun resumes); 130 interrupted.
+per item (rerun); 4 the run stopped on an error (log file named; rerun resumes); 5 too many errors
+(--max-error-rate); 6 storage, disk or cluster failed (rerun); 7 a run of the same config is writing
+this output; 130 interrupted; 143 terminated.
 """
 
 VIDEOQA_USAGE = """Answer the questions of a VideoQA annotation file and score them.
@@ -143,16 +146,30 @@ def guarded(job: Callable[[], int]) -> int:
 
     Errors raised while preparing (config, input, output, model: ``PreWorkError``) are the user's to
     fix: status 2. A storage, disk or cluster failure that stopped a run: status 6. Anything else
-    stopped a run: status 4. Both with the traceback in a log file.
+    stopped a run: status 4. Both with the traceback in a log file. Another run of the same config on
+    the same output: status 7. SIGINT / SIGTERM: 130 / 143. A local Ray cluster the job started is
+    shut down on every way out.
     """
+    from pipeline import cluster
+    from pipeline.lease import LeaseHeld, LeaseLost
+
+    restore = cluster.install_signal_handlers()
     try:
         return job()
     except PreWorkError as e:
         print(f"error: {e.cause}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("error: interrupted; parts already written are kept; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (LeaseHeld, LeaseLost) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)  # cluster.Interrupted carries it; a plain Ctrl-C does not
+        how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        print(
+            f"error: interrupted{how}; parts already written are kept; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
         log = write_failure_log(e)
         fault = infrastructure_fault(e)
@@ -163,6 +180,9 @@ def guarded(job: Callable[[], int]) -> int:
             file=sys.stderr,
         )
         return EXIT_INFRASTRUCTURE if fault else EXIT_FAILED
+    finally:
+        cluster.shutdown_started_cluster()
+        restore()
 
 
 # errno values that say the disk, not the data or the code, failed

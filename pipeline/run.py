@@ -17,11 +17,12 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 
-from pipeline import exit_status, resume, storage
+from pipeline import cluster, exit_status, resume, storage
+from pipeline import lease as leases
 from pipeline.config import Config, ConfigError
 from pipeline.console import without_known_noise
 from pipeline.faults import RetryPolicy, StorageUnavailable
@@ -183,6 +184,9 @@ def init_ray(config: Config) -> None:
 
     # log_to_driver stays on: tracebacks and warnings from decode tasks and actors must reach the user.
     ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+    # A cluster of our own is recorded, so that a run after a SIGKILL can stop what it left; one we
+    # joined (RAY_ADDRESS, ray.address, `ray start`) never is. Also puts back our signal handlers.
+    cluster.after_init(started_local=address == "local")
 
 
 def live_local_cluster() -> str | None:
@@ -320,9 +324,29 @@ def prepare(config: Config) -> Prepared:
 
 def execute(prepared: Prepared, log=print) -> Summary:
     """Run what ``prepare`` found: Ray starts only when there is work. Returns (and writes under
-    _runs/) the summary."""
-    config, work, todo, run_id = prepared.config, prepared.work, prepared.todo, prepared.run_id
+    _runs/) the summary. With work to do, the output's lease for this config is taken first: a run
+    of the same config already writing this output raises ``lease.LeaseHeld`` before anything starts."""
+    config = prepared.config
     out_options = options_for(config.output.uri, config)
+    if not prepared.todo:
+        return _execute(prepared, out_options, None, log)
+    with leases.acquire(config.output.uri, prepared.fingerprint, out_options, prepared.run_id, log=log) as lease:
+        # prepare() may have read the output while the lease's last holder still wrote to it.
+        return _execute(refresh(prepared), out_options, lease, log)
+
+
+def refresh(prepared: Prepared) -> Prepared:
+    """``prepared`` with the items written since ``prepare`` read the output taken off its to-do list."""
+    config = prepared.config
+    retry_kinds = check_retry_kinds(config.output.retry_errors)
+    options = options_for(config.output.uri, config)
+    done, _ = resume.done_items(config.output.uri, prepared.fingerprint, options, retry_kinds, retry_policy(config))
+    todo = [row for row in prepared.todo if row["item_id"] not in done]
+    return replace(prepared, done={row["item_id"] for row in prepared.work} & done, todo=todo)
+
+
+def _execute(prepared: Prepared, out_options: dict, lease: leases.Lease | None, log) -> Summary:
+    config, work, todo, run_id = prepared.config, prepared.work, prepared.todo, prepared.run_id
     summary = Summary(run_id, config.output.uri, prepared.fingerprint, len(work), len(work) - len(todo))
     # Rows a killed run had already superseded but not yet removed go first (one current row per item).
     policy = retry_policy(config)
@@ -336,9 +360,14 @@ def execute(prepared: Prepared, log=print) -> Summary:
     )
     start = time.perf_counter()
     if todo:
+        cluster.cleanup_leftovers(log=log)  # what a SIGKILLed earlier run's cluster left running
         init_ray(config)
+        check = lease.check if lease is not None else None
         with without_known_noise():  # Ray core's false alarm about the actor pool (pipeline.console)
-            summary = consume(build_plan(todo, config, run_id), summary, driver_progress_interval(config), log)
+            plan = build_plan(todo, config, run_id)
+            summary = consume(plan, summary, driver_progress_interval(config), log, check=check)
+        if lease is not None:
+            lease.check()  # taken over mid-run: the other run owns the output's summary now
     summary.seconds = time.perf_counter() - start
     finish(summary, work, out_options, policy)
     write_run_record(config, summary, out_options)
@@ -398,9 +427,10 @@ def run(config: Config, log=print) -> Summary:
     return execute(prepare(config), log)
 
 
-def consume(ds, summary: Summary, progress_interval_s: float | None = None, log=print) -> Summary:
+def consume(ds, summary: Summary, progress_interval_s: float | None = None, log=print, check=None) -> Summary:
     """Add up the per-part summaries the plan streams back; ``log`` a progress line every
-    ``progress_interval_s`` seconds meanwhile (None: none, e.g. when Ray Data's bars show)."""
+    ``progress_interval_s`` seconds meanwhile (None: none, e.g. when Ray Data's bars show). ``check``
+    (the lease's) is called after each batch of parts: it raises to stop the run."""
     kept = total = 0.0
     kinds: Counter = Counter()
     stages: Counter = Counter()
@@ -414,6 +444,8 @@ def consume(ds, summary: Summary, progress_interval_s: float | None = None, log=
     todo = summary.items_total - summary.items_skipped
     with ProgressReporter(todo, progress_interval_s, emit=log) as progress:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if check is not None:
+                check()
             for part in batch.to_pylist():
                 if part["write_error"]:
                     raise write_failure(part)

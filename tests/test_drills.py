@@ -117,11 +117,13 @@ def test_output_disk_read_only_then_full_then_fixed(small_disk, tmp_path):
     subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     job = start_job(*args)
     job.wait_for_line("to do")
-    with (small_disk / "filler").open("wb") as filler:  # take every byte left
+    with (small_disk / "filler").open(
+        "wb", buffering=0
+    ) as filler:  # take every byte left (unbuffered: close has nothing to flush)
         try:
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
+
         except OSError:
             pass
     status, _, err = finish(job)

@@ -198,7 +198,6 @@ def test_s3_conditional_writes_are_used_and_a_store_ignoring_them_is_caught(s3_s
             acquire(uri, "fp1", s3_server.options(), "run-e", ttl_s=30, settle_s=0.1)
 
 
-@pytest.mark.skipif(not hasattr(cli, "EXIT_BUSY"), reason="the lease is not wired into the CLI yet")
 def test_the_command_line_exits_busy_while_a_run_of_the_same_config_holds_the_output(tmp_path):
     from synthetic.corpus import write_corpus
 
