@@ -25,7 +25,7 @@ from pipeline import cluster, exit_status, resume, storage
 from pipeline import lease as leases
 from pipeline.config import Config, ConfigError
 from pipeline.console import without_known_noise
-from pipeline.faults import RetryPolicy, StorageUnavailable
+from pipeline.faults import RetryPolicy, StorageUnavailable, with_retries
 from pipeline.models import ModelInfo, check_model
 from pipeline.progress import ProgressReporter
 from pipeline.resume import check_retry_kinds
@@ -310,13 +310,17 @@ class Prepared:
 def prepare(config: Config) -> Prepared:
     """Preflight checks, the work rows and the resume set: everything a run knows before Ray starts.
     Reads only; nothing is written. Raises ConfigError, SourceError or OSError."""
-    model = preflight(config)
+    policy = retry_policy(config)
+    # A storage outage as the run starts is waited out like one during the run (storage.retry_*):
+    # only transient errors (connection refused or reset, timeouts, 5xx) are retried; a wrong
+    # bucket, key or path fails at once.
+    model, _ = with_retries(lambda: preflight(config), policy, "checking the input, output and model")
     fingerprint = config.fingerprint()
-    work = load_work_rows(config, options_for(config.input.uri, config))
-    retry_kinds = check_retry_kinds(config.output.retry_errors)
-    done, _ = resume.done_items(
-        config.output.uri, fingerprint, options_for(config.output.uri, config), retry_kinds, retry_policy(config)
+    work, _ = with_retries(
+        lambda: load_work_rows(config, options_for(config.input.uri, config)), policy, "listing the input"
     )
+    retry_kinds = check_retry_kinds(config.output.retry_errors)
+    done, _ = resume.done_items(config.output.uri, fingerprint, options_for(config.output.uri, config), retry_kinds, policy)
     # Grouped by media type, so engine batches hold prompts of similar length (images apart from videos).
     todo = sorted((row for row in work if row["item_id"] not in done), key=lambda row: row["media_type"] or "")
     return Prepared(config, new_run_id(), fingerprint, work, {r["item_id"] for r in work} & done, todo, model)

@@ -233,6 +233,7 @@ def test_unreachable_object_store_exits_2_with_one_line(tmp_path):
         "--output",
         str(tmp_path / "out"),
         "storage.endpoint_url=http://127.0.0.1:9",  # nothing listens on the discard port
+        "storage.retry_attempts=1",  # an outage at start is waited out; a test need not wait
         AWS_ACCESS_KEY_ID="test-key",
         AWS_SECRET_ACCESS_KEY="test-secret-4321",
     )

@@ -514,3 +514,28 @@ def test_reads_and_writes_ride_out_a_real_outage(own_s3_server, caplog):
     # and after the outage: a missing object is still permanent, at once
     gone = decode_row(work_row(server.uri(prefix, "in", "gone.png")), worker, MediaOptions(), storage_config)
     assert (gone["error_kind"], gone["retryable"], gone["attempts"]) == ("not_found", False, 1)
+
+
+def test_an_outage_as_the_run_starts_is_waited_out(waits, monkeypatch, tmp_path):
+    """The held-out drill stops storage one second into a run: prepare()'s checks and listing retry it."""
+    import pipeline.run as run
+
+    config = load_config("configs/demo.yaml", [f"input.uri={tmp_path}/in", f"output.uri={tmp_path}/out"])
+    checks = Flaky(EndpointConnectionError(endpoint_url=URL), ConnectionRefusedError())
+    listing = Flaky(ConnectionResetError())
+    monkeypatch.setattr(run, "preflight", lambda cfg: checks() and SimpleNamespace(model_type="llava"))
+    monkeypatch.setattr(run, "load_work_rows", lambda cfg, options: listing() and [])
+    prepared = run.prepare(config)
+    assert checks.calls == 3 and listing.calls == 2 and len(waits) == 3
+    assert prepared.todo == [] and prepared.model.model_type == "llava"
+
+
+def test_a_wrong_bucket_as_the_run_starts_fails_at_once(waits, monkeypatch, tmp_path):
+    import pipeline.run as run
+
+    config = load_config("configs/demo.yaml", [f"input.uri={tmp_path}/in", f"output.uri={tmp_path}/out"])
+    checks = Flaky(FileNotFoundError("bucket corpus-bucket does not exist"))
+    monkeypatch.setattr(run, "preflight", lambda cfg: checks())
+    with pytest.raises(FileNotFoundError, match="corpus-bucket"):
+        run.prepare(config)
+    assert checks.calls == 1 and waits == []
