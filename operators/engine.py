@@ -82,7 +82,8 @@ class Engine:
 
         self.method = registry.load(config.pruning)(config)
         self.selector: BeforeLLM = self.method if isinstance(self.method, BeforeLLM) else KeepAll(config)
-        self.decoder: Decoder = registry.load(config.decoder)(config, self.eos_token_ids, self.pad_token_id)
+        stop_ids = [] if config.ignore_eos else self.eos_token_ids
+        self.decoder: Decoder = registry.load(config.decoder)(config, stop_ids, self.pad_token_id)
         uses_twig = self.decoder.uses_twig or (isinstance(self.method, InLLM) and self.method.uses_twig)
         self.twig = twig.eval() if twig is not None and uses_twig else None
         self.layer_plan = self._layer_plan()

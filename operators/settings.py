@@ -36,6 +36,9 @@ class EngineConfig:
     pad_to_square: bool = False  # LLaVA-1.5: pad images to square like the original evaluation
     decode_strategy: str = "greedy"  # a name in operators.registry.DECODERS (decode.strategy)
     max_new_tokens: int = 64
+    # Generate exactly max_new_tokens per row, end-of-sequence tokens included (vLLM's ignore_eos): for
+    # benchmarks whose random-weight models would otherwise stop at random lengths.
+    ignore_eos: bool = False
     max_draft: int = 5  # SSD: draft tokens per round at most (TwigVLM's delta)
     draft_threshold: float = 0.6  # SSD: stop a row's draft at a token with probability below this (theta)
     temperature: float = 0.0  # 0: greedy; > 0: sampling (SSD then uses speculative sampling)

@@ -101,6 +101,7 @@ class PruningConfig(_Section):
 class DecodeConfig(_Section):
     strategy: str = "greedy"  # greedy (one base step per token) or ssd (TwigVLM self-speculative)
     max_new_tokens: int = 64
+    ignore_eos: bool = False  # generate exactly max_new_tokens per row (benchmarks with random weights)
     twig: str | None = None  # trained twig directory or URI (decode.strategy=ssd, pruning.method=ttp)
     max_draft: int = 5  # SSD: draft tokens per round (delta)
     draft_threshold: float = 0.6  # SSD: stop drafting below this probability (theta)
@@ -216,6 +217,7 @@ class Config(_Section):
                 pad_to_square=self.model.pad_to_square,
                 decode_strategy=decode.strategy,
                 max_new_tokens=decode.max_new_tokens,
+                ignore_eos=decode.ignore_eos,
                 max_draft=decode.max_draft,
                 draft_threshold=decode.draft_threshold,
                 temperature=decode.temperature,
@@ -250,16 +252,22 @@ class Config(_Section):
             "model": {"path": self.model.path, "dtype": self.model.dtype, "pad_to_square": self.model.pad_to_square},
             "prompt": self.prompt.model_dump(),
             "pruning": {k: v for k, v in self.pruning.model_dump().items() if NEUTRAL_PRUNING.get(k, object()) != v},
-            "decode": {k: v for k, v in self.decode.model_dump().items() if sampling or k not in SAMPLING_KEYS},
+            "decode": {
+                k: v
+                for k, v in self.decode.model_dump().items()
+                if (sampling or k not in SAMPLING_KEYS) and NEUTRAL_DECODE.get(k, object()) != v
+            },
             "media": self.media.model_dump(exclude={"timeout_s", "max_memory_mb", "max_bytes", "video_decoder"}),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Keys added after schema v3 enter the fingerprint only when they change the output, so upgrading does
-# not orphan earlier output: budget_unit when it is not "kept" (the meaning budgets had before), the
+# not orphan earlier output: budget_unit when it is not "kept" (the meaning budgets had before), ignore_eos
+# when it is set, the
 # sampling keys only when sampling (at temperature 0 they change nothing).
 NEUTRAL_PRUNING = {"budget_unit": "kept"}
+NEUTRAL_DECODE = {"ignore_eos": False}
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
 
 

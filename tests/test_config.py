@@ -101,8 +101,11 @@ def test_fingerprint_tracks_what_changes_outputs_only():
         "prompt.caption=hi",
         "model.path=/m",
         "task=qa",
+        "decode.ignore_eos=true",
     ]:
         assert load_config(ROOT / "configs" / "demo.yaml", [change]).fingerprint() != base.fingerprint(), change
+    # A key added later enters the hash only when set: earlier output still resumes.
+    assert load_config(ROOT / "configs" / "demo.yaml", ["decode.ignore_eos=false"]).fingerprint() == base.fingerprint()
 
 
 def test_require_paths_names_the_missing_key():

@@ -100,6 +100,32 @@ def test_eos_stops_rows_independently_like_hf(tiny):
         model.generation_config.eos_token_id = original
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "ssd"])
+def test_ignore_eos_generates_exactly_max_new_tokens_and_the_same_prefix(tiny, strategy):
+    """decode.ignore_eos (benchmarks): every row runs to max_new_tokens, through the end-of-sequence
+    token that would have stopped it; up to that token the text is what a normal run writes."""
+    from operators.twig import grow_twig
+
+    model, processor = tiny("llava")
+    requests = make_requests("llava", processor)
+    stop_token = Engine(model, processor, EngineConfig(max_new_tokens=8)).generate(requests)[0].token_ids[1]
+    twig = grow_twig(model, K=1, T=1) if strategy == "ssd" else None
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = stop_token
+    try:
+        stopping = Engine(model, processor, EngineConfig(max_new_tokens=8, decode_strategy=strategy), twig=twig)
+        running = Engine(
+            model, processor, EngineConfig(max_new_tokens=8, decode_strategy=strategy, ignore_eos=True), twig=twig
+        )
+        stopped, ran = stopping.generate(requests), running.generate(requests)
+    finally:
+        model.generation_config.eos_token_id = original
+    assert len(stopped[0].token_ids) <= 2 and stopped[0].token_ids[-1] == stop_token
+    for short, full in zip(stopped, ran, strict=True):
+        assert len(full.token_ids) == 8
+        assert full.token_ids[: len(short.token_ids)] == short.token_ids
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fastv_with_nothing_pruned_equals_none(tiny, family):
     model, processor = tiny(family)
