@@ -9,6 +9,8 @@ setups are checked to write exactly the captions of their greedy twins.
 
     python jobs/benchmark.py --out reports/benchmark              # demo model, CPU, ~15 min
     python jobs/benchmark.py --images 8 --videos 8 --setups none vispruner-1/9   # a quick look
+    # a random-weight model with LLaVA-1.5-7B's proportions (evaluation.geometry), fixed output lengths
+    python jobs/benchmark.py --geometry llava-1.5-7b --task qa --images 24 --videos 0 --setups none vispruner-1/9
 
 Writes benchmark.json, benchmark.md and benchmark.png (items/s against RelAcc, Pareto front).
 """
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evaluation.geometry import GEOMETRIES, build_checkpoint
 from evaluation.measure import PeakMemory
 from operators import registry
 from pipeline.config import Config, load_config
@@ -180,9 +183,10 @@ def markdown(report: dict) -> str:
         "| setup | items/s | × none | steady items/s | × none | start-up s | videos/s | gen tok/s | tok/item "
         "| busy (steady) "
         "| decode / prefill / generate ms per item "
-        "| peak RSS MB | visual kept (R̄) of total | GFLOPs/item prefill + gen | acceptance | same text as greedy "
+        "| peak RSS MB | visual kept (R̄) of total | GFLOPs/item prefill + gen | × none by FLOPs "
+        "| acceptance | same text as greedy "
         "| RelAcc img / vid |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         st = r["stage_ms_per_item"]
@@ -198,7 +202,7 @@ def markdown(report: dict) -> str:
             f"{st.get('decode', 0):.0f} / {st.get('prefill', 0):.0f} / {st.get('generate', 0):.0f} | "
             f"{r['peak_rss_mb']:.0f} | {r['visual_tokens_kept']:.0f} ({r['visual_tokens_layer_mean']:.0f}) of "
             f"{r['visual_tokens_total']:.0f} | {r['prefill_gflops_per_item']:.3f} + "
-            f"{r['generation_gflops_per_item']:.3f} | "
+            f"{r['generation_gflops_per_item']:.3f} | {r.get('flops_ratio', float('nan')):.2f} | "
             f"{acceptance} | {same} | {rel_text} |"
         )
     return "\n".join(lines) + "\n"
@@ -252,6 +256,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="default: 160 for captions (the demo's 47-120 words), 4 for qa"
     )
+    parser.add_argument(
+        "--geometry",
+        choices=sorted(GEOMETRIES),
+        help="instead of the config's model: a random-weight model with this real model's proportions "
+        "(widths x --width-scale; evaluation.geometry), built under --out once, run with decode.ignore_eos",
+    )
+    parser.add_argument("--width-scale", type=float, default=0.125, help="with --geometry (default 1/8)")
     parser.add_argument("--twig", default=None, help="trained twig (default: <model>/twig when present)")
     parser.add_argument("--quality", type=Path, default=Path("reports/quality/quality.json"))
     parser.add_argument(
@@ -275,6 +286,12 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
     from pipeline.run import init_ray
     from pipeline.run import run as run_pipeline
 
+    if args.geometry:
+        model_dir = build_checkpoint(args.geometry, args.out / "models", args.width_scale)
+        what = f"{args.geometry} geometry, widths x {args.width_scale:g}"
+        print(f"[benchmark] model: {what}: {model_dir}", file=sys.stderr)
+        # Random weights stop at random lengths: every setup generates exactly max_new_tokens.
+        args.overrides = [f"model.path='{model_dir}'", "decode.ignore_eos=true", *args.overrides]
     base = load_config(args.config, args.overrides)
     vision = model_config(base.model.path).vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
@@ -304,7 +321,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
     runs_dir = args.out / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)  # every setup starts from an empty output: nothing resumed
 
-    quality = quality_lookup(args.quality)
+    quality = {} if args.geometry else quality_lookup(args.quality)  # random weights: no quality to look up
     if args.task == "caption":
         source = [f"input.uri='{corpus}'", "input.kind=prefix"]
     else:  # every QA pair of the corpus's MSVD-QA-style annotations is a row
@@ -351,6 +368,9 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
     for setup, r in zip(chosen, results, strict=True):
         r["speedup"] = r["items_per_s"] / by_name["none"]["items_per_s"]
         r["steady_speedup"] = r["steady_items_per_s"] / by_name["none"]["steady_items_per_s"]
+        # The FLOPs floor: the speedup if time followed the model's FLOPs (prefill + generation) alone.
+        flops = lambda x: x["prefill_gflops_per_item"] + x["generation_gflops_per_item"]  # noqa: E731
+        r["flops_ratio"] = flops(by_name["none"]) / flops(r)
         twin = by_name.get(setup.greedy_twin or "")
         r["same_text_as_greedy"] = None if twin is None else r["texts"] == twin["texts"]
     cfg = configs["none"]
@@ -360,6 +380,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
         "machine": machine,
         "model": cfg.model.path,
         "twig": twig,
+        "geometry": None if not args.geometry else {"name": args.geometry, "width_scale": args.width_scale},
         "seed": args.seed,
         "corpus": corpus,
         "items": results[0]["items"],
