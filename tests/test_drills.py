@@ -72,6 +72,35 @@ def wait_for_parts(output: str, count: int, job: subprocess.Popen, options: dict
         time.sleep(0.05)
 
 
+def down_until_tried(endpoint_url: str, tries: int, at_least_s: float, at_most_s: float = 120) -> int:
+    """Storage down: connections to the stopped server's S3 port are accepted and reset at once (as a
+    server going away does: a transient error) until ``tries`` of them came and ``at_least_s`` passed.
+    Returns how many came. The port is free again when this returns."""
+    import socket
+    import struct
+    from urllib.parse import urlsplit
+
+    address = urlsplit(endpoint_url)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((address.hostname, address.port))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    started, came = time.time(), 0
+    try:
+        while time.time() - started < at_most_s and (came < tries or time.time() - started < at_least_s):
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+            connection.close()
+            came += 1
+    finally:
+        listener.close()
+    return came
+
+
 def one_ok_row_per_item(output: str, items: int, options: dict | None = None) -> None:
     rows = read_output(output, options).to_pylist()
     counts = Counter(r["item_id"] for r in rows)
@@ -138,9 +167,9 @@ def test_output_disk_read_only_then_full_then_fixed(small_disk, tmp_path):
 
 
 def test_storage_outage_mid_run_costs_no_data(tmp_path):
-    """SeaweedFS stopped as the run starts reading, back 8 s later, then stopped again once the first
-    part is written, back 5 s later: reads and part writes ride it out; every item has one current
-    row, and every row is ok."""
+    """SeaweedFS stopped as the run starts reading, back once the workers have met the outage (8 s at
+    least), then stopped again once the first part is written, back 5 s later: reads and part writes
+    ride it out; every item has one current row, and every row is ok."""
     server, proc = start_s3_server(tmp_path / "s3")
     try:
         options = server.options()
@@ -151,7 +180,9 @@ def test_storage_outage_mid_run_costs_no_data(tmp_path):
         job = start_job(*args, "storage.retry_attempts=30", env=env)
         job.wait_for_line("to do")  # the driver has listed the input and the output: now the workers read
         stop_s3_server(proc)
-        time.sleep(8)
+        # Down until the workers have met the outage (Ray's start-up may outlast any fixed wait on a busy
+        # machine, and reads that begin after the outage would prove nothing), and for 8 s at least.
+        assert down_until_tried(server.endpoint_url, tries=3, at_least_s=8) >= 3
         proc = relaunch_s3_server(server)
         wait_for_parts(output, 1, job, options)
         stop_s3_server(proc)  # the remaining parts are written into the outage
