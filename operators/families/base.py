@@ -131,6 +131,11 @@ class FamilyAdapter:
         """Vision features [..., C] -> language-model embeddings [..., D]."""
         raise NotImplementedError
 
+    def project_media(self, media: MediaInput, features: torch.Tensor) -> torch.Tensor:
+        """Kept features of ``media`` -> language-model embeddings. A family whose tokens are already
+        projected when pruned (OneVision's video pools after its projector) overrides this."""
+        return self.project(features)
+
     def assemble(self, media: MediaInput, segments: Segments, indices: torch.Tensor, tokens: torch.Tensor) -> Stream:
         """Kept, projected tokens [segments, k, D] at ``indices`` [segments, k] -> the item's visual stream."""
         raise NotImplementedError
