@@ -202,7 +202,8 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def _crops(self, image_size: tuple[int, int]) -> int:
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-        return image_size_to_num_patches(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        vision = self.config.vision_config
+        return image_size_to_num_patches(image_size, self.config.image_grid_pinpoints, vision.image_size)
 
     def _image_tokens(self, crops: int, image_size: tuple[int, int]) -> int:
         """Tokens the model packs an image into, counted by its own ``pack_image_features`` on a
@@ -301,7 +302,7 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         vision = self.config.vision_config
         rows, cols = get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints, vision.image_size)
         height, width = unpad_image(torch.zeros(1, rows * self.side, cols * self.side), image_size).shape[1:]
-        max_crops = int(self._aspect_ratio.strip("anyres_max_"))
+        max_crops = int(self._aspect_ratio.removeprefix("anyres_max_"))
         return math.sqrt(height * width / (max_crops * self.side**2)) > 1.1
 
 
