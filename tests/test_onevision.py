@@ -331,3 +331,59 @@ def test_adapter_refuses_what_it_does_not_serve(onevision):
     adapter = LlavaOnevisionAdapter(model, processor)
     with pytest.raises(ValueError, match="2 <image> tag"):
         adapter.preprocess("<image> <image>", [random_image(0)])
+
+
+# --- the job -----------------------------------------------------------------------------------------
+
+
+def test_saved_checkpoint_loads_and_passes_the_jobs_model_check(onevision, tmp_path):
+    """The folder ``save_tiny`` writes (weights, tokenizer, image and video processor configs, chat
+    template) passes ``check_model`` and loads back into an engine that answers as the original."""
+    from operators.loading import load_vlm
+    from pipeline.config import load_config
+    from pipeline.models import check_model
+    from tests.tiny_models import save_tiny
+
+    directory = save_tiny(FAMILY, tmp_path / "onevision")
+    config = load_config("configs/demo.yaml", [f"model.path={directory}", f"input.uri={tmp_path}"])
+    info = check_model(config)
+    assert info.model_type == FAMILY and info.visual_tokens_per_image is None  # anyres: depends on the image
+    model, processor = load_vlm(directory, dtype="float32")
+    assert processor.video == onevision[1].video and processor.chat_template == onevision[1].chat_template
+    requests = [image_request(processor, 9, 40, 56), video_request(processor, 9, frames=2)]
+    loaded = Engine(model, processor, EngineConfig(max_new_tokens=4)).generate(requests)
+    original = Engine(*onevision, EngineConfig(max_new_tokens=4)).generate(requests)
+    assert [r.token_ids for r in loaded] == [r.token_ids for r in original]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_caption_job_runs_a_onevision_checkpoint(ray_local, tmp_path):
+    """pipeline.run on generated images and a video, with a saved tiny OneVision (real local Ray)."""
+    from pipeline.output import read_output
+    from pipeline.run import run
+    from synthetic.corpus import write_corpus
+    from tests.tiny_models import save_tiny
+
+    directory = save_tiny(FAMILY, tmp_path / "onevision")
+    write_corpus(str(tmp_path / "corpus"), seed=5, n_images=2, n_videos=1)
+    overrides = [
+        f"model.path='{directory}'",
+        f"input.uri='{tmp_path / 'corpus'}'",
+        f"output.uri='{tmp_path / 'out'}'",
+        "ray.progress_bars=false",
+        "decode.max_new_tokens=6",
+        "pruning.budget=5",
+        "media.num_frames=2",
+    ]
+    from pipeline.config import load_config
+
+    summary = run(load_config("configs/demo.yaml", overrides), log=lambda *_: None)
+    rows = read_output(str(tmp_path / "out")).to_pylist()
+    assert (summary.ok, summary.errors) == (3, 0)
+    assert sorted(r["media_type"] for r in rows) == ["image", "image", "video"]
+    for row in rows:
+        assert row["status"] == "ok" and row["generated_tokens"] > 0
+        assert row["visual_tokens_kept"] < row["visual_tokens_total"]
+        if row["media_type"] == "video":
+            assert (row["visual_tokens_total"], row["visual_tokens_kept"]) == (2 * POOLED + 1, 2 * 5 + 1)
