@@ -164,7 +164,12 @@ def test_unpruned_batch_1_equals_hf_generate(onevision):
         format_prompt(processor, "which ?").replace("<image>", "<image><image>"),
         images=[random_image(7, 40, 56), random_image(8, 30, 30)],
     )
-    for request in mixed_requests(processor) + [two_images]:
+    video_then_image = Request(
+        format_prompt(processor, "which ?", "video").replace("<video>", "<video><image>"),
+        images=[random_image(9, 40, 56)],
+        video=random_video(9, frames=2),
+    )
+    for request in mixed_requests(processor) + [two_images, video_then_image]:
         ours = engine.generate([request])[0]
         reference = trim_after_eos(hf_generate(model, engine.adapter, request, 8), engine.eos_token_ids, -1)
         assert ours.token_ids == reference
@@ -173,6 +178,18 @@ def test_unpruned_batch_1_equals_hf_generate(onevision):
             assert ours.visual_tokens_total == SIDE * SIDE + 24 * 25
     row = engine.adapter.preprocess(two_images.prompt, two_images.images)
     assert [m.tokens for m in row.media] == [SIDE * SIDE + 1] * 2  # several images: base crop + newline each
+    row = engine.adapter.preprocess(video_then_image.prompt, video_then_image.images, video_then_image.video)
+    assert [m.kind for m in row.media] == ["video", "image"]  # in prompt order
+
+
+def test_several_images_keep_the_budget_per_image(onevision):
+    """Several images in one prompt: one segment (base crop) each, plus its newline."""
+    model, processor = onevision
+    prompt = format_prompt(processor, "which ?").replace("<image>", "<image><image>")
+    request = Request(prompt, images=[random_image(7, 40, 56), random_image(8, 30, 30)])
+    for method in ("vispruner", "fastv"):
+        result = Engine(model, processor, EngineConfig(method, budget=5, max_new_tokens=2)).generate([request])[0]
+        assert (result.visual_tokens_total, result.visual_tokens_kept) == (2 * (SIDE * SIDE + 1), 2 * (5 + 1)), method
 
 
 def test_unpruned_batch_4_equals_hf_batched_generate(onevision):
@@ -304,13 +321,9 @@ def test_ssd_equals_greedy_with_a_grown_twig(onevision, twig_layers):
     assert 1 + twig_layers <= len(text_model(model).layers)
     assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
     twig = grow_twig(model, K=1, T=twig_layers)
-    requests = [
-        image_request(processor, 60, 40, 56),
-        image_request(processor, 61, 64, 64),
-        video_request(processor, 62),
-    ]
-    for method, budget in [("none", None), ("vispruner", 6), ("fastv", 6)]:
-        config = dict(budget=budget, max_new_tokens=10)
+    requests = [image_request(processor, 60, 40, 56), video_request(processor, 62)]  # 2 crops; 3 frames
+    for method, budget in [("none", None), ("vispruner", 6), ("fastv", 6), ("ttp", 6)]:
+        config = dict(budget=budget, max_new_tokens=8)
         greedy = Engine(model, processor, EngineConfig(method, **config), twig=twig).generate(requests)
         ssd = Engine(model, processor, EngineConfig(method, **config, decode_strategy="ssd"), twig=twig)
         results = ssd.generate(requests)

@@ -194,10 +194,10 @@ class LlavaOnevisionAdapter(FamilyAdapter):
             values = video_pixels(frames, self.processor.video)
             pooled = math.ceil(self.side / 2) ** 2
             media.append(MediaInput("video", values, tokens=len(values) * pooled + 1))
-        prompt = _expand(prompt, "<image>", [m.tokens for m in media if m.kind == "image"])
-        prompt = _expand(prompt, "<video>", [m.tokens for m in media if m.kind == "video"])
-        ids = self.processor.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
-        return RowInputs(ids, media)
+        expanded = _expand(prompt, "<image>", [m.tokens for m in media if m.kind == "image"])
+        expanded = _expand(expanded, "<video>", [m.tokens for m in media if m.kind == "video"])
+        ids = self.processor.tokenizer(expanded, return_tensors="pt")["input_ids"][0]
+        return RowInputs(ids, _in_prompt_order(prompt, media))
 
     def _crops(self, image_size: tuple[int, int]) -> int:
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
@@ -311,6 +311,24 @@ def _frame_array(video) -> np.ndarray:
     if isinstance(video, np.ndarray):
         return np.ascontiguousarray(video)
     return np.stack([np.asarray(frame) for frame in to_frames(video)])
+
+
+def _in_prompt_order(prompt: str, media: list[MediaInput]) -> list[MediaInput]:
+    """Media sorted by where their tags stand in the prompt (placeholder runs are matched in order):
+    images keep their order, the video goes where its ``<video>`` tag is."""
+    if not any(m.kind == "video" for m in media) or not any(m.kind == "image" for m in media):
+        return media
+    tags = [(i, "image") for i in _find_all(prompt, "<image>")] + [(i, "video") for i in _find_all(prompt, "<video>")]
+    queues = {"image": [m for m in media if m.kind == "image"], "video": [m for m in media if m.kind == "video"]}
+    return [queues[kind].pop(0) for _, kind in sorted(tags)]
+
+
+def _find_all(text: str, tag: str) -> list[int]:
+    positions, start = [], text.find(tag)
+    while start >= 0:
+        positions.append(start)
+        start = text.find(tag, start + len(tag))
+    return positions
 
 
 def _expand(prompt: str, tag: str, counts: list[int]) -> str:
