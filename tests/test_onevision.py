@@ -41,7 +41,7 @@ def video_request(processor, seed, frames=3, question="what moves ?"):
 
 
 def mixed_requests(processor):
-    """Small (2 crops), square (5 crops, no unpadding), large (17 crops, downsampled) images and a video."""
+    """Small (2x2 grid, unpadded), square (2x2 grid, no unpadding), large (17 crops, downsampled) images and a video."""
     return [
         image_request(processor, 0, 40, 56),
         image_request(processor, 1, 64, 64, "describe the image in one two three words"),
@@ -270,6 +270,23 @@ def test_video_budget_is_per_pooled_frame(onevision):
         assert (result.visual_tokens_total, result.visual_tokens_kept) == (3 * POOLED + 1, 3 * 3 + 1), method
 
 
+def test_projector_flops_count_what_the_projector_ran_on(onevision):
+    """Video: every patch of every frame is projected (then pooled); a small image: the kept tokens."""
+    from operators.accounting import projector_flops, vision_flops, vision_tower_flops
+
+    model, processor = onevision
+    engine = Engine(model, processor, EngineConfig("vispruner", budget=3))
+    vision = model.config.vision_config
+    for request, projected in [
+        (video_request(processor, 4), 3 * SIDE * SIDE),
+        (image_request(processor, 0, 40, 56), 5 * 3),
+    ]:
+        media, segments, _ = streams(engine, request)
+        count = media.pixel_values.shape[0]
+        expected = vision_tower_flops(vision, count) + projector_flops(32, 64, projected)
+        assert vision_flops(engine.adapter, media, segments, 3) == pytest.approx(expected, rel=1e-12)
+
+
 def test_fastv_keeps_budget_per_crop_plus_newlines(onevision):
     model, processor = onevision
     requests = [image_request(processor, 1, 64, 64), video_request(processor, 5, frames=2)]
@@ -321,7 +338,7 @@ def test_ssd_equals_greedy_with_a_grown_twig(onevision, twig_layers):
     assert 1 + twig_layers <= len(text_model(model).layers)
     assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
     twig = grow_twig(model, K=1, T=twig_layers)
-    requests = [image_request(processor, 60, 40, 56), video_request(processor, 62)]  # 2 crops; 3 frames
+    requests = [image_request(processor, 60, 40, 56), video_request(processor, 62)]  # 5 crops; 3 frames
     for method, budget in [("none", None), ("vispruner", 6), ("fastv", 6), ("ttp", 6)]:
         config = dict(budget=budget, max_new_tokens=8)
         greedy = Engine(model, processor, EngineConfig(method, **config), twig=twig).generate(requests)

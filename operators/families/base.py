@@ -136,6 +136,10 @@ class FamilyAdapter:
         projected when pruned (OneVision's video pools after its projector) overrides this."""
         return self.project(features)
 
+    def projected_tokens(self, media: MediaInput, segments: Segments, kept_per_segment: int) -> int:
+        """Tokens the projector ran on for one media item (FLOPs accounting): the kept ones, + [CLS]."""
+        return media.pixel_values.shape[0] * (kept_per_segment + (1 if segments.cls is not None else 0))
+
     def assemble(self, media: MediaInput, segments: Segments, indices: torch.Tensor, tokens: torch.Tensor) -> Stream:
         """Kept, projected tokens [segments, k, D] at ``indices`` [segments, k] -> the item's visual stream."""
         raise NotImplementedError

@@ -247,6 +247,17 @@ class LlavaOnevisionAdapter(FamilyAdapter):
         # Video tokens were projected (and pooled) in encode, as HF pools after the projector.
         return features if media.kind == "video" else self.project(features)
 
+    def projected_tokens(self, media: MediaInput, segments: Segments, kept_per_segment: int) -> int:
+        """Video frames project every patch before pooling (see encode); a pruned image whose grid
+        HF downsamples projects every patch too, besides the kept ones (see assemble)."""
+        count = media.pixel_values.shape[0]
+        every = count * self.side * self.side
+        if media.kind == "video":
+            return every
+        if kept_per_segment < self.side * self.side and self._downsamples(count, media.image_size):
+            return every + count * kept_per_segment
+        return count * kept_per_segment
+
     # --- layout ---------------------------------------------------------------------------------
 
     def assemble(self, media: MediaInput, segments: Segments, indices: torch.Tensor, tokens: torch.Tensor) -> Stream:
