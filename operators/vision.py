@@ -6,6 +6,10 @@ every layer's [B, H, N, N] map (about 256 MB per image for CLIP-L in fp16). Inst
 one layer: a pre-hook on its self-attention grabs the normalised input, and we recompute only
 the [CLS] query row, softmax(q_cls . K^T * scale), which is [B, H, N+1]. The tower itself keeps
 running on SDPA.
+
+Towers without [CLS] (SigLIP in LLaVA-OneVision) use :func:`encode_with_received_attention`: the
+same hooks, scoring each patch by the attention it receives, averaged over every query (the
+authors' SigLIP rule), computed a chunk of query rows at a time.
 """
 
 from __future__ import annotations

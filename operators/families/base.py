@@ -3,9 +3,10 @@
 A family adapter (one file per family in this package, registered by ``model_type`` in
 ``operators.registry``) is the glue between a Hugging Face model class and the engine. It turns
 a request into token ids plus media tensors, runs the vision tower(s) to get per-segment patch
-features and importance scores ([CLS] attention), and lays pruned, projected tokens back out in
-the order the model was trained on. A *segment* is the unit a budget applies to: the image for
-LLaVA-1.5, each crop for LLaVA-NeXT, each frame for video.
+features and importance scores ([CLS] attention; for towers without [CLS], the attention each
+patch receives), and lays pruned, projected tokens back out in the order the model was trained
+on. A *segment* is the unit a budget applies to: the image for LLaVA-1.5, each crop for
+LLaVA-NeXT and LLaVA-OneVision, each frame for video (OneVision: each frame's pooled grid).
 
 Tokens that are visual but never pruned (LLaVA-NeXT's row-end ``image_newline`` and
 Video-LLaVA's per-frame [CLS]) are kept and not counted against the budget.
