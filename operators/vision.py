@@ -93,14 +93,20 @@ class ReceivedAttentionOutput:
     received_attention: torch.Tensor  # [B, H, N] attention each patch receives, mean over all queries
 
 
+# Largest [B, H, chunk, N] float32 block of attention probabilities alive at once (256 MB).
+MAX_BLOCK_ELEMENTS = 1 << 26
+
+
 def received_attention(attn: nn.Module, normed: torch.Tensor, query_chunk: int = 256) -> torch.Tensor:
     """Mean attention each token receives over every query position, per head. normed [B, N, C] -> [B, H, N].
 
-    softmax(q_i . K^T * scale) is computed ``query_chunk`` query rows at a time and summed over the
-    rows, so only a [B, H, chunk, N] block is alive at once, never the whole [B, H, N, N] map.
+    softmax(q_i . K^T * scale) is computed ``query_chunk`` query rows at a time (fewer when B is
+    large, see ``MAX_BLOCK_ELEMENTS``: a batch of video frames) and summed over the rows, so only a
+    [B, H, chunk, N] block is alive at once, never the whole [B, H, N, N] map.
     """
     batch, length, _ = normed.shape
     heads, head_dim = attn.num_heads, attn.head_dim
+    query_chunk = max(1, min(query_chunk, MAX_BLOCK_ELEMENTS // (batch * heads * length)))
     k = attn.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2).float()  # [B, H, N, Dh]
     total = k.new_zeros(batch, heads, length)
     for start in range(0, length, query_chunk):

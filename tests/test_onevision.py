@@ -101,6 +101,21 @@ def test_received_attention_equals_the_eager_reference(feature_layer):
     assert (len(layer._forward_hooks), len(layer.self_attn._forward_pre_hooks)) == hooks  # ours are removed
 
 
+def test_received_attention_chunks_shrink_for_large_batches(monkeypatch):
+    """A cap on the live block (a batch of many frames) changes the chunking, not the scores."""
+    from operators import vision
+
+    torch.manual_seed(1)
+    config = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4
+    )
+    tower = SiglipVisionModel(config).eval()
+    pixels = torch.randn(5, 3, 16, 16)
+    whole = encode_with_received_attention(tower, pixels).received_attention
+    monkeypatch.setattr(vision, "MAX_BLOCK_ELEMENTS", 5 * 4 * 16 * 3)  # 3 query rows at a time
+    torch.testing.assert_close(encode_with_received_attention(tower, pixels).received_attention, whole)
+
+
 def test_adapter_scores_are_received_attention_pooled_for_video(onevision):
     model, processor = onevision
     adapter = LlavaOnevisionAdapter(model, processor)

@@ -9,7 +9,8 @@ Segments, the units a budget applies to:
 * several images in one prompt: each image's base crop only, then one newline (as HF);
 * a video: each frame's tokens *after* OneVision's 2x2 bilinear pooling (what the model sees),
   one newline after the whole video. Pruning acts on these pooled tokens; their scores are the
-  per-patch scores pooled by the same bilinear interpolation.
+  per-patch scores pooled by the same bilinear interpolation, and VisPruner's diverse step
+  compares the pooled, projected tokens (no per-token vision feature exists after pooling).
 
 Importance scores: SigLIP has no [CLS], so VisPruner's score is the attention each patch receives
 (:func:`operators.vision.encode_with_received_attention`), as in the authors' SigLIP code.
