@@ -8,6 +8,8 @@ VisPruner's received-attention score equals an eager-attention reference.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -390,6 +392,14 @@ def test_saved_checkpoint_loads_and_passes_the_jobs_model_check(onevision, tmp_p
     from tests.tiny_models import save_tiny
 
     directory = save_tiny(FAMILY, tmp_path / "onevision")
+    # As llava-hf's folders: the processor's template in chat_template.json, and a Qwen2 tokenizer
+    # with its own, text-only template. The processor's must win.
+    template = directory / "chat_template.jinja"
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": template.read_text()}))
+    template.unlink()
+    tokenizer_config = directory / "tokenizer_config.json"
+    values = json.loads(tokenizer_config.read_text())
+    tokenizer_config.write_text(json.dumps({**values, "chat_template": "{{ messages[0]['content'] }}"}))
     config = load_config("configs/demo.yaml", [f"model.path={directory}", f"input.uri={tmp_path}"])
     info = check_model(config)
     assert info.model_type == FAMILY and info.visual_tokens_per_image is None  # anyres: depends on the image

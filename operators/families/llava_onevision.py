@@ -130,12 +130,15 @@ class OnevisionProcessor:
         else:  # no video config: the image processor's size and normalisation
             size = image_processor.size
             video = VideoSettings(size["height"], size["width"], image_processor.image_mean, image_processor.image_std)
-        template = getattr(tokenizer, "chat_template", None)
+        # The processor's template (it renders <image>/<video>) wins over the tokenizer's, which
+        # for a Qwen2 tokenizer is the text-only one.
+        template = None
         for name in ("chat_template.jinja", "chat_template.json"):
             path = directory / name
             if template is None and path.exists():
                 text = path.read_text()
                 template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+        template = template or getattr(tokenizer, "chat_template", None)
         return cls(tokenizer, image_processor, video, template)
 
 
