@@ -165,6 +165,27 @@ def test_video_pixels_resize_like_torchvisions_float_path():
     assert (ours - expected).abs().max() <= 1.0
 
 
+def test_image_token_counts_are_hf_processors(onevision):
+    """The placeholders we write per image (counted by the model's own packing) are the count HF's
+    ``LlavaOnevisionProcessor`` writes (its formula, called on a stand-in: the processor itself
+    cannot be built without torchvision)."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from transformers import LlavaOnevisionProcessor
+
+    model, processor = onevision
+    adapter = LlavaOnevisionAdapter(model, processor)
+    stand_in = SimpleNamespace(
+        image_processor=processor.image_processor, num_image_tokens=SIDE * SIDE, vision_aspect_ratio="anyres_max_9"
+    )
+    stand_in._get_unpadded_features = partial(LlavaOnevisionProcessor._get_unpadded_features, stand_in)
+    for height, width in [(40, 56), (64, 64), (128, 128), (20, 70), (70, 20), (33, 97), (120, 100), (16, 16)]:
+        media = adapter.preprocess("<image>", [random_image(0, height, width)]).media[0]
+        expected = LlavaOnevisionProcessor._get_number_of_features(stand_in, height, width, 32, 32)
+        assert media.tokens == expected, (height, width)
+
+
 def test_prompt_is_the_chat_template_media_first(onevision):
     _, processor = onevision
     prompt = format_prompt(processor, "what is this ?", "video")
