@@ -40,7 +40,7 @@ def vision_flops(adapter, media, segments, kept_per_segment: int, rows_sharing: 
     so the rows' sum is what ran; every row runs its own projector on the tokens it keeps."""
     config = adapter.config
     count = media.pixel_values.shape[0]
-    projected = count * (kept_per_segment + (1 if segments.cls is not None else 0))
+    projected = adapter.projected_tokens(media, segments, kept_per_segment)
     return vision_tower_flops(config.vision_config, count) / rows_sharing + projector_flops(
         config.vision_config.hidden_size, config.text_config.hidden_size, projected
     )

@@ -210,7 +210,8 @@ class Engine:
             row_streams, row_flops = [], 0.0
             for media, seg in zip(row.media, row_segments, strict=True):
                 indices, tokens = selections[id(seg)]
-                row_streams.append(self.adapter.assemble(media, seg, indices, self.adapter.project(tokens)))
+                projected = self.adapter.project_media(media, tokens)
+                row_streams.append(self.adapter.assemble(media, seg, indices, projected))
                 row_flops += accounting.vision_flops(self.adapter, media, seg, tokens.shape[1], sharing[id(seg)])
             streams.append(row_streams)
             flops.append(row_flops)

@@ -191,3 +191,10 @@ register_decoder(
 register_family(FamilySpec("llava", "operators.families.llava:LlavaAdapter", "LLaVA-1.5"))
 register_family(FamilySpec("llava_next", "operators.families.llava_next:LlavaNextAdapter", "LLaVA-NeXT (anyres)"))
 register_family(FamilySpec("video_llava", "operators.families.video_llava:VideoLlavaAdapter", "Video-LLaVA"))
+register_family(
+    FamilySpec(
+        "llava_onevision",
+        "operators.families.llava_onevision:LlavaOnevisionAdapter",
+        "LLaVA-OneVision (SigLIP, anyres crops, pooled video frames)",
+    )
+)

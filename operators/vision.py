@@ -6,6 +6,10 @@ every layer's [B, H, N, N] map (about 256 MB per image for CLIP-L in fp16). Inst
 one layer: a pre-hook on its self-attention grabs the normalised input, and we recompute only
 the [CLS] query row, softmax(q_cls . K^T * scale), which is [B, H, N+1]. The tower itself keeps
 running on SDPA.
+
+Towers without [CLS] (SigLIP in LLaVA-OneVision) use :func:`encode_with_received_attention`: the
+same hooks, scoring each patch by the attention it receives, averaged over every query (the
+authors' SigLIP rule), computed a chunk of query rows at a time.
 """
 
 from __future__ import annotations
@@ -78,3 +82,72 @@ def encode_with_cls_attention(
         for handle in handles:
             handle.remove()
     return VisionOutput(features=captured["features"], cls_attention=captured["cls_attention"])
+
+
+# --- towers without [CLS] (SigLIP): the attention each patch receives -----------------------------
+
+
+@dataclass
+class ReceivedAttentionOutput:
+    features: torch.Tensor  # [B, N, C] hidden states of the selected layer (no CLS in SigLIP)
+    received_attention: torch.Tensor  # [B, H, N] attention each patch receives, mean over all queries
+
+
+# Largest [B, H, chunk, N] float32 block of attention probabilities alive at once (256 MB).
+MAX_BLOCK_ELEMENTS = 1 << 26
+
+
+def received_attention(attn: nn.Module, normed: torch.Tensor, query_chunk: int = 256) -> torch.Tensor:
+    """Mean attention each token receives over every query position, per head. normed [B, N, C] -> [B, H, N].
+
+    softmax(q_i . K^T * scale) is computed ``query_chunk`` query rows at a time (fewer when B is
+    large, see ``MAX_BLOCK_ELEMENTS``: a batch of video frames) and summed over the rows, so only a
+    [B, H, chunk, N] block is alive at once, never the whole [B, H, N, N] map.
+    """
+    batch, length, _ = normed.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    query_chunk = max(1, min(query_chunk, MAX_BLOCK_ELEMENTS // (batch * heads * length)))
+    k = attn.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2).float()  # [B, H, N, Dh]
+    total = k.new_zeros(batch, heads, length)
+    for start in range(0, length, query_chunk):
+        rows = normed[:, start : start + query_chunk]
+        q = attn.q_proj(rows).view(batch, rows.shape[1], heads, head_dim).transpose(1, 2).float()  # [B, H, c, Dh]
+        probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(dim=-1)  # [B, H, c, N]
+        total += probs.sum(dim=2)
+    return total / length
+
+
+@torch.no_grad()
+def encode_with_received_attention(
+    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -1, query_chunk: int = 256
+) -> ReceivedAttentionOutput:
+    """VisPruner's importance for towers without [CLS] (SigLIP, as in LLaVA-OneVision).
+
+    Rule, from the authors' released code (Theia-4869/VisPruner ``siglip_encoder.py``): a patch's
+    score is the attention it *receives*, averaged over all query positions, in the last layer the
+    tower runs (here the layer producing ``hidden_states[feature_layer]``, whose output is also
+    the feature), per head; the adapter then averages heads. Scores sum to 1 over patches per head.
+    Captured with hooks on that one layer (only q and k are recomputed, queries in chunks), so the
+    tower keeps running on SDPA and no [B, H, N, N] map is kept.
+    """
+    layers = encoder_layers(vision_tower)
+    layer = layers[resolve_layer(len(layers), feature_layer)]
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab_attention_input(module, args, kwargs):
+        normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        captured["received"] = received_attention(module, normed, query_chunk)
+
+    def grab_layer_output(module, args, output):
+        captured["features"] = output[0] if isinstance(output, tuple) else output
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(grab_attention_input, with_kwargs=True),
+        layer.register_forward_hook(grab_layer_output),
+    ]
+    try:
+        vision_tower(pixel_values=pixel_values.to(vision_tower.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ReceivedAttentionOutput(features=captured["features"], received_attention=captured["received"])

@@ -52,7 +52,7 @@ def test_refuses_unsupported_model_type(tmp_path):
     directory = save_tiny("llava", tmp_path / "ckpt")
     config = (directory / "config.json").read_text().replace('"model_type": "llava"', '"model_type": "qwen2_vl"')
     (directory / "config.json").write_text(config)
-    with pytest.raises(ValueError, match="supported: llava, llava_next, video_llava"):
+    with pytest.raises(ValueError, match="supported: llava, llava_next, video_llava, llava_onevision"):
         load_vlm(directory)
 
 

@@ -130,7 +130,89 @@ def tiny_video_llava(seed: int = 0, image_size: int = 32, patch_size: int = 4, *
     return model, processor
 
 
-BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "video_llava": tiny_video_llava}
+# LLaVA-OneVision's chat template, shortened: media tags first, then the text, Qwen2 turns.
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for c in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + c['text'] }}{% endfor %}"
+    "{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_llava_onevision(seed: int = 0, image_size: int = 32, patch_size: int = 4, **text_overrides):
+    """LlavaOnevisionForConditionalGeneration: SigLIP tower (no [CLS], last layer), Qwen2 LM (GQA),
+    anyres crops up to 4x4 (a 128 px image is downsampled by ``anyres_max_9``), pooled video."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from operators.families.llava_onevision import OnevisionProcessor, VideoSettings
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(["user", "assistant", "system"])
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    text.update(text_overrides)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
+    pinpoints = [[image_size * r, image_size * c] for r, c in ((1, 1), (1, 2), (2, 1), (2, 2), (4, 4))]
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(**text),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    model = random_init(LlavaOnevisionForConditionalGeneration(config), seed)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+    video = VideoSettings(image_size, image_size, mean, std)
+    processor = OnevisionProcessor(tokenizer, image_processor, video, ONEVISION_CHAT_TEMPLATE)
+    copy_generation_ids(model, tokenizer)
+    return model, processor
+
+
+BUILDERS = {
+    "llava": tiny_llava,
+    "llava_next": tiny_llava_next,
+    "video_llava": tiny_video_llava,
+    "llava_onevision": tiny_llava_onevision,
+}
 
 
 def save_tiny(family: str, directory: str | Path, seed: int = 0, **kwargs) -> Path:

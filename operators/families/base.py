@@ -3,9 +3,10 @@
 A family adapter (one file per family in this package, registered by ``model_type`` in
 ``operators.registry``) is the glue between a Hugging Face model class and the engine. It turns
 a request into token ids plus media tensors, runs the vision tower(s) to get per-segment patch
-features and importance scores ([CLS] attention), and lays pruned, projected tokens back out in
-the order the model was trained on. A *segment* is the unit a budget applies to: the image for
-LLaVA-1.5, each crop for LLaVA-NeXT, each frame for video.
+features and importance scores ([CLS] attention; for towers without [CLS], the attention each
+patch receives), and lays pruned, projected tokens back out in the order the model was trained
+on. A *segment* is the unit a budget applies to: the image for LLaVA-1.5, each crop for
+LLaVA-NeXT and LLaVA-OneVision, each frame for video (OneVision: each frame's pooled grid).
 
 Tokens that are visual but never pruned (LLaVA-NeXT's row-end ``image_newline`` and
 Video-LLaVA's per-frame [CLS]) are kept and not counted against the budget.
@@ -130,6 +131,15 @@ class FamilyAdapter:
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Vision features [..., C] -> language-model embeddings [..., D]."""
         raise NotImplementedError
+
+    def project_media(self, media: MediaInput, features: torch.Tensor) -> torch.Tensor:
+        """Kept features of ``media`` -> language-model embeddings. A family whose tokens are already
+        projected when pruned (OneVision's video pools after its projector) overrides this."""
+        return self.project(features)
+
+    def projected_tokens(self, media: MediaInput, segments: Segments, kept_per_segment: int) -> int:
+        """Tokens the projector ran on for one media item (FLOPs accounting): the kept ones, + [CLS]."""
+        return media.pixel_values.shape[0] * (kept_per_segment + (1 if segments.cls is not None else 0))
 
     def assemble(self, media: MediaInput, segments: Segments, indices: torch.Tensor, tokens: torch.Tensor) -> Stream:
         """Kept, projected tokens [segments, k, D] at ``indices`` [segments, k] -> the item's visual stream."""
