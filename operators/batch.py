@@ -15,7 +15,9 @@ class PromptBatch:
     """Left-padded prompts with their visual tokens spliced in. B rows, S positions."""
 
     embeds: torch.Tensor  # [B, S, D] input embeddings
-    positions: torch.Tensor  # [B, S] position ids: 0.. over each row's real tokens, 1 on padding
+    # [B, S] position ids: 0.. over each row's real tokens, 1 on padding; or [B, S, 3] (t, h, w)
+    # multimodal-RoPE positions (Qwen-VL) where kept visual tokens keep their unpruned positions
+    positions: torch.Tensor
     valid: torch.Tensor  # [B, S] bool: False on left padding
     visual: torch.Tensor  # [B, S] bool: visual tokens (FinalWipe drops all of them)
     prunable: torch.Tensor  # [B, S] bool: visual tokens an in-LLM method may drop (not newlines, not CLS)
@@ -44,11 +46,15 @@ def assemble_batch(
     every stream must fill its placeholder run exactly, as Hugging Face checks."""
     device = embed.weight.device
     sequences, flags, visual_flags, spans, totals, segment_counts = [], [], [], [], [], []
+    row_positions = []  # per row [S_row, 3] when the family gives M-RoPE positions
+    if len({row.positions is None for row in rows}) > 1:
+        raise ValueError("a batch mixes rows with and without multimodal-RoPE positions")
     for row, row_streams in zip(rows, streams, strict=True):
         ids = row.input_ids.to(device)
         runs = placeholder_spans(row.input_ids, placeholder_ids, row.media)
         text = embed(ids)
         parts, part_flags, part_visual, row_spans, cursor, total, length = [], [], [], [], 0, 0, 0
+        part_positions = []
         for (start, end), stream in zip(runs, row_streams, strict=True):
             if unpruned and end - start != len(stream.prunable):
                 raise ValueError(
@@ -59,6 +65,10 @@ def assemble_batch(
             part_flags += [torch.zeros(start - cursor, dtype=torch.bool), stream.prunable.cpu()]
             count = len(stream.prunable)
             part_visual += [torch.zeros(start - cursor, dtype=torch.bool), torch.ones(count, dtype=torch.bool)]
+            if row.positions is not None:
+                run = row.positions[start:end]  # [end - start, 3] the item's unpruned positions
+                source = stream.source if stream.source is not None else torch.arange(count)
+                part_positions += [row.positions[cursor:start], run[source.cpu()]]
             length += start - cursor
             row_spans.append((length, length + count))
             length += count
@@ -67,6 +77,8 @@ def assemble_batch(
         parts.append(text[cursor:])
         part_flags.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
         part_visual.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
+        if row.positions is not None:
+            row_positions.append(torch.cat([*part_positions, row.positions[cursor:]]))
         sequences.append(torch.cat(parts))
         flags.append(torch.cat(part_flags))
         visual_flags.append(torch.cat(part_visual))
@@ -86,7 +98,18 @@ def assemble_batch(
         prunable[b, pad:] = flags[b].to(device)
         visual[b, pad:] = visual_flags[b].to(device)
         spans[b] = [(start + pad, end + pad) for start, end in spans[b]]
-    return PromptBatch(embeds, left_padded_positions(valid), valid, visual, prunable, spans, segment_counts, totals)
+    positions = left_padded_positions(valid)
+    if row_positions:
+        positions = mrope_batch_positions(row_positions, width, device)
+    return PromptBatch(embeds, positions, valid, visual, prunable, spans, segment_counts, totals)
+
+
+def mrope_batch_positions(rows: list[torch.Tensor], width: int, device) -> torch.Tensor:
+    """Rows' [S_row, 3] positions left-padded to [B, width, 3] (1 on padding, as for 1-D)."""
+    out = torch.ones(len(rows), width, 3, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        out[b, width - len(row) :] = row.to(device)
+    return out
 
 
 def text_batch(embed: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PromptBatch:

@@ -22,7 +22,7 @@ from torch import nn
 
 from operators.batch import PromptBatch
 from operators.kv_cache import CacheGroup, KVCache
-from operators.language_model import compact_rows, new_group, run_layers, text_model
+from operators.language_model import compact_rows, new_group, next_positions, run_layers, text_model
 from operators.pruning.base import ScoreContext, keep_top
 
 
@@ -96,6 +96,7 @@ def prefill(
     groups: list[CacheGroup] = []
     twig_cache, twig_tokens, shallow = None, None, 0
     visual_kept = visual.sum(dim=1)
+    next_position = next_positions(positions, valid)  # before pruning: HF continues after the unpruned prompt
     start = 0
     for end in [*plan.breakpoints(), n_layers]:
         group = new_group(lm, range(start, end), batch_size, valid.shape[1] + capacity, batch.embeds)
@@ -124,7 +125,7 @@ def prefill(
         twig=twig_cache,
         shallow_groups=shallow,
         last_hidden=lm.norm(hidden[:, -1]),
-        next_position=positions[:, -1] + 1,
+        next_position=next_position,
         tokens_per_layer=tokens_per_layer,
         twig_tokens=twig_tokens,
         visual_kept=visual_kept,

@@ -29,12 +29,18 @@ class MediaInput:
     pixel_values: torch.Tensor  # [segments, 3, H, W]
     image_size: tuple[int, int] | None = None  # original (H, W), LLaVA-NeXT only
     tokens: int | None = None  # placeholder tokens it fills unpruned; None: its whole placeholder run
+    # Qwen-VL: pixel_values are [segments, patches, C * temporal * P * P] flattened patches, grid is
+    # the (t, h, w) patch grid, seconds_per_step the time one temporal patch spans (video).
+    grid: tuple[int, int, int] | None = None
+    seconds_per_step: float = 1.0
 
 
 @dataclass
 class RowInputs:
     input_ids: torch.Tensor  # [S] prompt ids with placeholder runs, one run per media item
     media: list[MediaInput] = field(default_factory=list)
+    # [S, 3] multimodal-RoPE (t, h, w) positions of the unpruned prompt (Qwen-VL); None: 1-D positions
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,6 +59,9 @@ class Stream:
 
     embeds: torch.Tensor  # [V, D]
     prunable: torch.Tensor  # [V] bool: False for newline / CLS tokens
+    # [V] long: which token of the item's unpruned placeholder run each is (M-RoPE families: its
+    # position comes from there); None: the stream fills the run in order
+    source: torch.Tensor | None = None
 
 
 def to_frames(video) -> list[Image.Image]:
@@ -126,6 +135,25 @@ class FamilyAdapter:
     def encode(self, kind: str, pixel_values: torch.Tensor) -> Segments:
         """Vision tower(s) over ``pixel_values`` [segments, 3, H, W]: features and importance scores."""
         raise NotImplementedError
+
+    def encode_items(self, kind: str, media: list[MediaInput]) -> list[Segments]:
+        """Per media item (all of ``kind``), its Segments: one :meth:`encode` over all their pixels,
+        split by segment counts. Families whose items differ in shape override this."""
+        pixels = torch.cat([item.pixel_values for item in media])
+        segs = self.encode(kind, pixels)
+        out, offset = [], 0
+        for item in media:
+            count = item.pixel_values.shape[0]
+            out.append(
+                Segments(
+                    patches=segs.patches[offset : offset + count],
+                    cls_attention=segs.cls_attention[offset : offset + count],
+                    cls=None if segs.cls is None else segs.cls[offset : offset + count],
+                    grid=segs.grid,
+                )
+            )
+            offset += count
+        return out
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Vision features [..., C] -> language-model embeddings [..., D]."""
