@@ -191,3 +191,4 @@ register_decoder(
 register_family(FamilySpec("llava", "operators.families.llava:LlavaAdapter", "LLaVA-1.5"))
 register_family(FamilySpec("llava_next", "operators.families.llava_next:LlavaNextAdapter", "LLaVA-NeXT (anyres)"))
 register_family(FamilySpec("video_llava", "operators.families.video_llava:VideoLlavaAdapter", "Video-LLaVA"))
+register_family(FamilySpec("qwen2_5_vl", "operators.families.qwen2_5_vl:Qwen2_5_VLAdapter", "Qwen2.5-VL (M-RoPE)"))
