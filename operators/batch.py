@@ -24,6 +24,9 @@ class PromptBatch:
     media_spans: list[list[tuple[int, int]]]  # per row: [start, end) of each media item's tokens in S
     segments: list[int]  # per row: budget units (images, crops, frames)
     visual_total: list[int]  # per row: visual tokens the unpruned model would see
+    # [B, S, levels, D] DeepStack features (Qwen3-VL), zero on text and padding: level i is added
+    # to the hidden states after LM layer i; None: the model has none
+    deepstack: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
@@ -47,6 +50,7 @@ def assemble_batch(
     device = embed.weight.device
     sequences, flags, visual_flags, spans, totals, segment_counts = [], [], [], [], [], []
     row_positions = []  # per row [S_row, 3] when the family gives M-RoPE positions
+    row_deepstack = []  # per row [(start in the row, [V, levels, D])] when streams carry DeepStack features
     if len({row.positions is None for row in rows}) > 1:
         raise ValueError("a batch mixes rows with and without multimodal-RoPE positions")
     for row, row_streams in zip(rows, streams, strict=True):
@@ -54,7 +58,7 @@ def assemble_batch(
         runs = placeholder_spans(row.input_ids, placeholder_ids, row.media)
         text = embed(ids)
         parts, part_flags, part_visual, row_spans, cursor, total, length = [], [], [], [], 0, 0, 0
-        part_positions = []
+        part_positions, deep_parts = [], []
         for (start, end), stream in zip(runs, row_streams, strict=True):
             if unpruned and end - start != len(stream.prunable):
                 raise ValueError(
@@ -70,6 +74,8 @@ def assemble_batch(
                 source = stream.source if stream.source is not None else torch.arange(count)
                 part_positions += [row.positions[cursor:start], run[source.cpu()]]
             length += start - cursor
+            if stream.deepstack is not None:
+                deep_parts.append((length, stream.deepstack))
             row_spans.append((length, length + count))
             length += count
             total += end - start
@@ -77,6 +83,7 @@ def assemble_batch(
         parts.append(text[cursor:])
         part_flags.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
         part_visual.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
+        row_deepstack.append(deep_parts)
         if row.positions is not None:
             row_positions.append(torch.cat([*part_positions, row.positions[cursor:]]))
         sequences.append(torch.cat(parts))
@@ -101,7 +108,22 @@ def assemble_batch(
     positions = left_padded_positions(valid)
     if row_positions:
         positions = mrope_batch_positions(row_positions, width, device)
-    return PromptBatch(embeds, positions, valid, visual, prunable, spans, segment_counts, totals)
+    deepstack = None
+    if any(row_deepstack):
+        deepstack = deepstack_batch(row_deepstack, [len(s) for s in sequences], width, embeds)
+    return PromptBatch(embeds, positions, valid, visual, prunable, spans, segment_counts, totals, deepstack)
+
+
+def deepstack_batch(rows: list[list[tuple[int, torch.Tensor]]], lengths: list[int], width: int, like) -> torch.Tensor:
+    """Per row, (start, [V, levels, D]) DeepStack parts -> [B, width, levels, D], zero elsewhere,
+    left-padded like the embeddings (row b starts at width - lengths[b])."""
+    levels, dim = next(part.shape[1:] for row in rows for _, part in row)
+    out = like.new_zeros(len(rows), width, levels, dim)
+    for b, parts in enumerate(rows):
+        pad = width - lengths[b]
+        for start, part in parts:
+            out[b, pad + start : pad + start + len(part)] = part.to(out.dtype)
+    return out
 
 
 def mrope_batch_positions(rows: list[torch.Tensor], width: int, device) -> torch.Tensor:

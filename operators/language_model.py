@@ -68,12 +68,14 @@ def run_layers(
     group: CacheGroup,
     layer_inputs: dict[int, torch.Tensor] | None = None,
     modules: dict[int, nn.Module] | None = None,
+    additions: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the group's layers on a block hidden [B, q, D] at positions [B, q] (or [B, q, 3], M-RoPE);
     commit it to the cache.
 
     ``layer_inputs``, when given, receives the hidden state entering each layer (for scoring).
     ``modules`` maps the group's layer ids to modules outside the base stack (a twig's layers).
+    ``additions`` maps a layer id to [B, q, D] added to its output (Qwen3-VL's DeepStack).
     """
     layers = [modules[index] if modules is not None else lm.layers[index] for index in group.layers]
     mask = attention_mask(layers[0], group, block_valid, hidden.dtype)
@@ -91,6 +93,8 @@ def run_layers(
             position_embeddings=position_embeddings,
         )
         hidden = out[0] if isinstance(out, tuple) else out
+        if additions is not None and index in additions:
+            hidden = hidden + additions[index]
     group.advance(block_valid)
     return hidden
 
@@ -138,7 +142,10 @@ def last_token_attention(
     normed = layer.input_layernorm(layer_input[:, -1:])  # [B, 1, D]
     heads = lm.config.num_attention_heads
     kv_heads, head_dim = kv_geometry(lm)
-    q = attn.q_proj(normed).view(batch, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, Dh]
+    q = attn.q_proj(normed).view(batch, 1, heads, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm on q (and k) before RoPE
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)  # [B, H, 1, Dh]
     cos, sin = lm.rotary_emb(normed, rope_positions(positions[:, -1:]))  # [B, 1, Dh]
     q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
     keys = group.keys[layer_index][:, :, : group.length]  # [B, H_kv, S, Dh]

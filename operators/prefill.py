@@ -90,7 +90,7 @@ def prefill(
     if plan.twig_layer is not None and twig is None:
         raise ValueError("the layer plan runs a twig but none was given")
     batch_size = len(batch)
-    hidden, positions, valid = batch.embeds, batch.positions, batch.valid
+    hidden, positions, valid, deepstack = batch.embeds, batch.positions, batch.valid, batch.deepstack
     visual, prunable = batch.visual & valid, batch.prunable & valid
     tokens_per_layer = valid.sum(dim=1, keepdim=True).repeat(1, n_layers)
     groups: list[CacheGroup] = []
@@ -103,7 +103,8 @@ def prefill(
         groups.append(group)
         inputs: dict[int, torch.Tensor] = {}
         record = inputs if end == plan.prune_layer else None  # only the scores at K need layer inputs
-        hidden = run_layers(lm, hidden, positions, valid, KVCache(groups), group, record)
+        additions = _deepstack_additions(deepstack, group.layers)
+        hidden = run_layers(lm, hidden, positions, valid, KVCache(groups), group, record, additions=additions)
         tokens_per_layer[:, start:end] = valid.sum(dim=1, keepdim=True)
         context = ScoreContext(lm, positions, inputs, group)
         if end == plan.twig_layer:
@@ -115,10 +116,14 @@ def prefill(
             twig_tokens = valid.sum(dim=1)
         if end == plan.prune_layer and end < n_layers and pruning is not None:
             kept = keep_top(pruning.scores(context), prunable, pruning.keep) & valid
-            valid, hidden, positions, visual, prunable = _compact(kept, hidden, positions, visual, prunable)
+            valid, hidden, positions, visual, prunable, deepstack = _compact(
+                kept, hidden, positions, visual, prunable, deepstack
+            )
             visual_kept = visual.sum(dim=1)
         if end == plan.wipe_layer and end < n_layers:
-            valid, hidden, positions, visual, prunable = _compact(valid & ~visual, hidden, positions, visual, prunable)
+            valid, hidden, positions, visual, prunable, deepstack = _compact(
+                valid & ~visual, hidden, positions, visual, prunable, deepstack
+            )
         start = end
     return PrefillState(
         base=KVCache(groups),
@@ -132,7 +137,16 @@ def prefill(
     )
 
 
-def _compact(keep: torch.Tensor, hidden, positions, visual, prunable) -> tuple[torch.Tensor, ...]:
-    """Each row's kept tokens, left-padded to the longest row (``operators.language_model.compact_rows``)."""
-    valid, hidden, positions, visual, prunable = compact_rows(keep, hidden, positions, visual, prunable)
-    return valid, hidden, positions, visual & valid, prunable & valid
+def _compact(keep: torch.Tensor, hidden, positions, visual, prunable, deepstack=None) -> tuple[torch.Tensor, ...]:
+    """Each row's kept tokens, left-padded to the longest row (``operators.language_model.compact_rows``);
+    DeepStack features [B, S, levels, D], when there are any, follow their tokens."""
+    extra = () if deepstack is None else (deepstack,)
+    valid, hidden, positions, visual, prunable, *rest = compact_rows(keep, hidden, positions, visual, prunable, *extra)
+    return valid, hidden, positions, visual & valid, prunable & valid, (rest[0] if rest else None)
+
+
+def _deepstack_additions(deepstack: torch.Tensor | None, layers) -> dict[int, torch.Tensor] | None:
+    """Layer id -> the DeepStack level added after it ([B, S, D]), for the group's layers that have one."""
+    if deepstack is None:
+        return None
+    return {i: deepstack[:, :, i] for i in layers if i < deepstack.shape[2]}

@@ -192,3 +192,4 @@ register_family(FamilySpec("llava", "operators.families.llava:LlavaAdapter", "LL
 register_family(FamilySpec("llava_next", "operators.families.llava_next:LlavaNextAdapter", "LLaVA-NeXT (anyres)"))
 register_family(FamilySpec("video_llava", "operators.families.video_llava:VideoLlavaAdapter", "Video-LLaVA"))
 register_family(FamilySpec("qwen2_5_vl", "operators.families.qwen2_5_vl:Qwen2_5_VLAdapter", "Qwen2.5-VL (M-RoPE)"))
+register_family(FamilySpec("qwen3_vl", "operators.families.qwen3_vl:Qwen3VLAdapter", "Qwen3-VL (M-RoPE, DeepStack)"))

@@ -1,25 +1,37 @@
-"""Qwen2.5-VL through the engine, on a tiny random-weight model: M-RoPE positions, greedy equal to
-HF ``generate``, pruning budgets with original positions, SSD, and the CLS-free VisPruner score."""
+"""Qwen2.5-VL and Qwen3-VL through the engine, on tiny random-weight models: M-RoPE positions, greedy
+equal to HF ``generate``, pruning budgets with original positions, SSD, the CLS-free VisPruner score,
+and Qwen3-VL's DeepStack features following the kept tokens."""
 
 import copy
 
 import numpy as np
 import pytest
 import torch
-import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as hf_qwen
+import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as hf_qwen2_5
+import transformers.models.qwen3_vl.modeling_qwen3_vl as hf_qwen3
 
 from operators import prefill as prefill_module
 from operators.engine import Engine, EngineConfig, Request, format_prompt
+from operators.families.qwen3_vl import step_timestamps
 from operators.twig import grow_twig
 from tests.conftest import random_image, random_video
-from tests.tiny_qwen import tiny_qwen2_5_vl
+from tests.tiny_qwen import tiny_qwen2_5_vl, tiny_qwen3_vl
 
 QUESTIONS = ["what is this ?", "describe the image in one two three words please", "red ?", "how many ?"]
 
 
+BUILDERS = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
+HF_MODULES = {"qwen2_5_vl": hf_qwen2_5, "qwen3_vl": hf_qwen3}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def qwen(request):
+    return BUILDERS[request.param](seed=0)
+
+
 @pytest.fixture(scope="module")
-def qwen():
-    return tiny_qwen2_5_vl(seed=0)
+def qwen3():
+    return tiny_qwen3_vl(seed=0)
 
 
 def requests_mixed(processor, count=4):
@@ -49,7 +61,10 @@ def hf_inputs(model, row):
         items = [m for m in row.media if m.kind == kind]
         if items:
             kwargs[pixels_key] = torch.cat([m.pixel_values.reshape(-1, m.pixel_values.shape[-1]) for m in items])
-            kwargs[grid_key] = torch.tensor([m.grid for m in items])
+            grids = [list(m.grid) for m in items]
+            if kind == "video":  # one video a row (Qwen3-VL holds it as one item per temporal step)
+                grids = [[sum(g[0] for g in grids), *grids[0][1:]]]
+            kwargs[grid_key] = torch.tensor(grids)
     return kwargs
 
 
@@ -90,8 +105,8 @@ def test_positions_equal_hf_get_rope_index(qwen):
         assert torch.equal(batch.positions[b][batch.valid[b]], row.positions)
 
 
-def test_video_temporal_positions_are_spaced_by_seconds_per_step(qwen):
-    model, processor = qwen
+def test_video_temporal_positions_are_spaced_by_seconds_per_step():
+    model, processor = tiny_qwen2_5_vl(seed=0)
     engine = Engine(model, processor, EngineConfig(max_new_tokens=4))
     row = engine.adapter.preprocess(format_prompt(processor, "red ?", "video"), video=random_video(1, frames=4))
     item = row.media[0]
@@ -171,7 +186,7 @@ def kept_positions_are_original(engine, requests, batch_positions, batch_valid, 
         assert torch.equal(text, row.positions[~visual_ids])  # text keeps its own positions
 
 
-@pytest.mark.parametrize("method", ["vispruner", "random", "pool"])
+@pytest.mark.parametrize("method", ["vispruner", pytest.param("random", marks=pytest.mark.slow), "pool"])
 def test_before_llm_methods_keep_the_budget_per_segment(qwen, method):
     model, processor = qwen
     budget = 4
@@ -190,8 +205,8 @@ def record_compactions(monkeypatch):
     seen = []
     original = prefill_module._compact
 
-    def recording(keep, hidden, positions, visual, prunable):
-        out = original(keep, hidden, positions, visual, prunable)
+    def recording(keep, hidden, positions, visual, prunable, deepstack=None):
+        out = original(keep, hidden, positions, visual, prunable, deepstack)
         seen.append(out)
         return out
 
@@ -210,7 +225,7 @@ def test_in_llm_methods_keep_the_budget_with_original_positions(qwen, method, mo
     batch = engine.prompt_batch(requests)
     seen = record_compactions(monkeypatch)
     results = engine.generate(requests)
-    valid, _, positions, visual, _ = seen[0]  # the pruning at K (a single sub-batch)
+    valid, _, positions, visual, _, _ = seen[0]  # the pruning at K (a single sub-batch)
     kept_positions_are_original(engine, requests, positions, valid, visual)
     for b, result in enumerate(results):
         assert int((visual[b] & valid[b]).sum()) == budget * batch.segments[b]
@@ -237,7 +252,7 @@ def test_pruned_batch_equals_each_row_alone(qwen, method):
 # --- (d) SSD equals greedy -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,budget", [("none", None), ("vispruner", 4)])
+@pytest.mark.parametrize("method,budget", [pytest.param("none", None, marks=pytest.mark.slow), ("vispruner", 4)])
 def test_ssd_equals_greedy(qwen, method, budget):
     model, processor = qwen
     twig = grow_twig(model, K=2, T=1)
@@ -259,9 +274,10 @@ def reference_scores(model, pixels, grid_thw, block):
     2x2 merge group (4 consecutive patches)."""
     tower = copy.deepcopy(model.model.visual)
     tower.config._attn_implementation = "eager"
+    hf_module = HF_MODULES[model.config.model_type]
     probs, windows = [], []
     target = tower.blocks[block].attn
-    original_eager = hf_qwen.eager_attention_forward
+    original_eager = hf_module.eager_attention_forward
 
     def recording(module, *args, **kwargs):
         out, weights = original_eager(module, *args, **kwargs)
@@ -269,21 +285,24 @@ def reference_scores(model, pixels, grid_thw, block):
             probs.append(weights[0])  # [H, n, n]
         return out, weights
 
-    permute = tower.permute_input_for_window_attn
+    permute = getattr(tower, "permute_input_for_window_attn", None)  # Qwen3-VL's tower has no windows
 
     def record_window(tensor, window_index, seq_len):
         windows.append(window_index)
         return permute(tensor, window_index, seq_len)
 
-    tower.permute_input_for_window_attn = record_window
-    hf_qwen.eager_attention_forward = recording
+    if permute is not None:
+        tower.permute_input_for_window_attn = record_window
+    hf_module.eager_attention_forward = recording
     try:
         with torch.no_grad():
             tower(pixels, grid_thw=grid_thw)
     finally:
-        hf_qwen.eager_attention_forward = original_eager
+        hf_module.eager_attention_forward = original_eager
     received = torch.cat([p.float().mean(dim=1).mean(dim=0) for p in probs])  # [P] window order
     per_group = received.view(-1, 4).mean(dim=1)  # window order of merge groups
+    if not windows:
+        return per_group, None
     return per_group[torch.argsort(windows[0])], windows[0]
 
 
@@ -298,7 +317,11 @@ def test_cls_free_score_equals_independent_reference(qwen):
     pixels = torch.cat([m.pixel_values.reshape(-1, m.pixel_values.shape[-1]) for m in items])
     grid_thw = torch.tensor([m.grid for m in items])
     reference, window_index = reference_scores(model, pixels, grid_thw, adapter.score_block())
-    assert not torch.equal(window_index, torch.arange(len(window_index)))  # windows do reorder patches
+    if model.config.model_type == "qwen2_5_vl":
+        assert adapter.score_block() == model.config.vision_config.fullatt_block_indexes[-1]
+        assert not torch.equal(window_index, torch.arange(len(window_index)))  # windows do reorder patches
+    else:
+        assert adapter.score_block() == model.config.vision_config.depth - 1
     ours = torch.cat([s.cls_attention.reshape(-1) for s in adapter.encode_items("image", items)])
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-7)
     # Each temporal step's (or image's) queries spread one unit of attention per query.
@@ -315,6 +338,78 @@ def test_merged_tokens_equal_hf_image_features(qwen):
     pixels = torch.cat([m.pixel_values.reshape(-1, m.pixel_values.shape[-1]) for m in items])
     grid_thw = torch.tensor([m.grid for m in items])
     with torch.no_grad():
-        reference = model.model.get_image_features(pixels, grid_thw).pooler_output
-    for seg, ref in zip(adapter.encode_items("image", items), reference, strict=True):
-        torch.testing.assert_close(seg.patches.reshape(-1, seg.patches.shape[-1]), ref)
+        reference = model.model.get_image_features(pixels, grid_thw)
+    for i, seg in enumerate(adapter.encode_items("image", items)):
+        torch.testing.assert_close(seg.patches.reshape(-1, seg.patches.shape[-1]), reference.pooler_output[i])
+        if model.config.model_type == "qwen3_vl":
+            for level, features in enumerate(reference.deepstack_features):
+                torch.testing.assert_close(seg.deepstack[:, :, level].reshape(features[i].shape), features[i])
+        else:
+            assert seg.deepstack is None
+
+
+# --- Qwen3-VL: video steps and DeepStack ---------------------------------------------------------
+
+
+def test_qwen3_video_is_one_item_per_step_with_timestamps(qwen3):
+    model, processor = qwen3
+    adapter = Engine(model, processor, EngineConfig(max_new_tokens=4)).adapter
+    row = adapter.preprocess(format_prompt(processor, "red ?", "video"), video=random_video(1, frames=5))
+    assert [m.grid[0] for m in row.media] == [1, 1, 1]  # 5 frames -> 3 steps, each its own item
+    text = processor.tokenizer.decode(row.input_ids)
+    assert text.count("<|vision_start|>") == 4  # HF's processor nests the steps in the template's block
+    prompt, _ = adapter.video_items("<|video_pad|>", random_video(1, frames=5))
+    assert prompt.startswith("<0.2 seconds><|vision_start|><|video_pad|><|vision_end|><1.2 seconds>")
+    assert step_timestamps(5, 2.0, 2) == [0.25, 1.25, 2.0]  # frames 0..4 (+ 4 again) at 2 fps, step means
+
+
+def prefill_last_hidden(engine, requests):
+    batch = engine.prompt_batch(requests)
+    pruning = engine._in_llm_pruning(batch)
+    state = prefill_module.prefill(engine.model, batch, engine.layer_plan, 1, None, pruning)
+    return batch, state.last_hidden
+
+
+def test_qwen3_pruned_deepstack_equals_hf_text_model_on_the_kept_tokens(qwen3):
+    """VisPruner keeps 3 tokens a step: our prefill must equal HF's own text model given the kept
+    embeddings, their positions and the kept DeepStack features at every level."""
+    model, processor = qwen3
+    engine = Engine(model, processor, EngineConfig("vispruner", budget=3, max_new_tokens=4))
+    for request in requests_mixed(processor, 3):
+        batch, ours = prefill_last_hidden(engine, [request])
+        visual = batch.visual[0]
+        levels = batch.deepstack.shape[2]
+        with torch.no_grad():
+            reference = model.model.language_model(
+                inputs_embeds=batch.embeds,
+                position_ids=batch.positions.permute(2, 0, 1),
+                visual_pos_masks=batch.visual,
+                deepstack_visual_embeds=[batch.deepstack[0, visual, level] for level in range(levels)],
+            ).last_hidden_state[:, -1]
+        torch.testing.assert_close(ours, reference)
+        without = torch.zeros_like(batch.deepstack)
+        assert not torch.allclose(batch.deepstack, without)  # the features are there and matter:
+        batch.deepstack = None
+        state = prefill_module.prefill(engine.model, batch, engine.layer_plan, 1)
+        assert not torch.allclose(state.last_hidden, ours)
+
+
+def test_qwen3_fastv_carries_deepstack_with_the_kept_tokens(qwen3, monkeypatch):
+    """FastV at K=1 prunes before DeepStack's second level is added: the compacted features are the
+    kept tokens' own, zero on text."""
+    model, processor = qwen3
+    engine = Engine(model, processor, EngineConfig("fastv", budget=3, fastv_layer=1, max_new_tokens=4))
+    requests = requests_mixed(processor, 3)
+    batch = engine.prompt_batch(requests)
+    seen = record_compactions(monkeypatch)
+    engine.generate(requests)
+    valid, _, positions, visual, _, deepstack = seen[0]
+    for b in range(len(requests)):
+        original = {tuple(p): d for p, d in zip(batch.positions[b].tolist(), batch.deepstack[b], strict=True)}
+        for p, d, is_visual, ok in zip(positions[b].tolist(), deepstack[b], visual[b], valid[b], strict=True):
+            if not ok:
+                continue
+            if is_visual:
+                assert torch.equal(d, original[tuple(p)])
+            else:
+                assert not d.any()

@@ -51,6 +51,9 @@ class Segments:
     cls_attention: torch.Tensor  # [segments, N] head-mean [CLS] -> patch attention
     cls: torch.Tensor | None  # [segments, C] [CLS] features when the model feeds them to the LLM
     grid: tuple[int, int]
+    # [segments, N, levels, D] Qwen3-VL DeepStack: features of several tower layers, one per
+    # patch, added to the visual tokens' hidden states after the first ``levels`` LM layers
+    deepstack: torch.Tensor | None = None
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Stream:
     # [V] long: which token of the item's unpruned placeholder run each is (M-RoPE families: its
     # position comes from there); None: the stream fills the run in order
     source: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None  # [V, levels, D] the kept tokens' DeepStack features
 
 
 def to_frames(video) -> list[Image.Image]:
@@ -150,6 +154,7 @@ class FamilyAdapter:
                     cls_attention=segs.cls_attention[offset : offset + count],
                     cls=None if segs.cls is None else segs.cls[offset : offset + count],
                     grid=segs.grid,
+                    deepstack=None if segs.deepstack is None else segs.deepstack[offset : offset + count],
                 )
             )
             offset += count

@@ -191,6 +191,10 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         seconds = self.temporal / VIDEO_FPS
         return MediaInput("video", pixels, tokens=tokens, grid=(steps, h, w), seconds_per_step=seconds)
 
+    def video_items(self, prompt: str, video) -> tuple[str, list[MediaInput]]:
+        """The prompt with its video tag(s) as the model expects, and the media filling them in order."""
+        return prompt, [self.video_input(video)]
+
     def preprocess(self, prompt: str, images=(), video=None) -> RowInputs:
         images = list(images)
         # LLaVA-style tags (format_prompt_text) become Qwen's vision blocks.
@@ -205,8 +209,9 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 f"{self.family}: the prompt has {prompt.count(self.video_tag)} video tag(s) for "
                 f"{int(video is not None)} video(s)"
             )
-        items = {self.image_tag: [self.image_input(image) for image in images]}
-        items[self.video_tag] = [self.video_input(video)] if video is not None else []
+        items = {self.image_tag: [self.image_input(image) for image in images], self.video_tag: []}
+        if video is not None:
+            prompt, items[self.video_tag] = self.video_items(prompt, video)
         media, pieces = [], []
         # Expand each tag to its token count, keeping the media in prompt order.
         for piece in _split_tags(prompt, (self.image_tag, self.video_tag)):
@@ -218,7 +223,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                 pieces.append(piece)
         ids = self.processor.tokenizer("".join(pieces), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         spans = placeholder_spans(ids, self.placeholder_ids, media)
-        tokens_per_second = self.config.vision_config.tokens_per_second
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1)
         positions = mrope_positions(ids, spans, media, self.merge, tokens_per_second)
         return RowInputs(ids, media, positions=positions)
 
@@ -230,7 +235,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         pixels = torch.cat([m.pixel_values.reshape(-1, m.pixel_values.shape[-1]) for m in media])
         device = next(self.tower.parameters()).device
         grid_thw = torch.tensor([m.grid for m in media], device=device)
-        merged, scores = self.encode_with_scores(pixels.to(device), grid_thw)
+        merged, scores, deepstack = self.encode_with_scores(pixels.to(device), grid_thw)
         out, offset = [], 0
         for item in media:
             steps, h, w = item.grid
@@ -241,6 +246,9 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
                     cls_attention=scores[offset : offset + steps * n].view(steps, n),
                     cls=None,
                     grid=(h // self.merge, w // self.merge),
+                    deepstack=None
+                    if deepstack is None
+                    else deepstack[offset : offset + steps * n].view(steps, n, *deepstack.shape[1:]),
                 )
             )
             offset += steps * n
@@ -265,9 +273,11 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return apply_rotary_pos_emb_vision
 
     @torch.no_grad()
-    def encode_with_scores(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tower over patches [P, C*T*p*p] -> (merged tokens [P/4, D], scores [P/4]), both in the
-        merger's output (raster) order."""
+    def encode_with_scores(
+        self, pixels: torch.Tensor, grid_thw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The tower over patches [P, C*T*p*p] -> (merged tokens [P/4, D], scores [P/4], DeepStack
+        features [P/4, levels, D] or None), all in the merger's output (raster) order."""
         tower = self.tower
         captured: dict[str, torch.Tensor] = {}
         rotary = self.rotary()
@@ -280,7 +290,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
 
         handle = tower.blocks[self.score_block()].attn.register_forward_pre_hook(score, with_kwargs=True)
         try:
-            merged = tower(pixels.to(tower.dtype), grid_thw=grid_thw).pooler_output  # [P/4, D]
+            out = tower(pixels.to(tower.dtype), grid_thw=grid_thw)
         finally:
             handle.remove()
         unit = self.merge**2
@@ -288,7 +298,9 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         order = self.window_index(grid_thw)
         if order is not None:  # run position i holds merge unit order[i]: scatter back to raster
             groups = torch.empty_like(groups).index_copy_(0, order, groups)
-        return merged, groups
+        levels = getattr(out, "deepstack_features", None)
+        deepstack = torch.stack(levels, dim=1) if levels else None  # [P/4, levels, D]
+        return out.pooler_output, groups, deepstack
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return features  # the merger already produced language-model embeddings
@@ -299,10 +311,16 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         steps, k, dim = tokens.shape
         per_step = segments.patches.shape[1]
         offsets = torch.arange(steps, device=indices.device)[:, None] * per_step
+        deepstack = None
+        if segments.deepstack is not None:  # the same kept tokens at every DeepStack level
+            deep = segments.deepstack  # [steps, N, levels, D]
+            gather = indices[..., None, None].expand(-1, -1, *deep.shape[2:])
+            deepstack = torch.gather(deep, 1, gather).reshape(steps * k, *deep.shape[2:])
         return Stream(
             tokens.reshape(-1, dim),
             torch.ones(steps * k, dtype=torch.bool),
             source=(indices + offsets).reshape(-1).cpu(),
+            deepstack=deepstack,
         )
 
     def vision_flops(self, media: MediaInput, segments: Segments, kept_per_segment: int, rows_sharing: int) -> float:
