@@ -3,6 +3,7 @@ equal to HF ``generate``, pruning budgets with original positions, SSD, the CLS-
 and Qwen3-VL's DeepStack features following the kept tokens."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import transformers.models.qwen3_vl.modeling_qwen3_vl as hf_qwen3
 from operators import prefill as prefill_module
 from operators.engine import Engine, EngineConfig, Request, format_prompt
 from operators.families.qwen3_vl import step_timestamps
+from operators.loading import load_vlm
 from operators.twig import grow_twig
 from tests.conftest import random_image, random_video
 from tests.tiny_qwen import tiny_qwen2_5_vl, tiny_qwen3_vl
@@ -154,6 +156,25 @@ def test_prompt_and_media_must_agree(qwen):
         adapter.preprocess("what ?", video=random_video(0))
     with pytest.raises(ValueError, match="pad_to_square"):
         Engine(model, processor, EngineConfig(max_new_tokens=4, pad_to_square=True))
+
+
+def test_saved_checkpoint_loads_and_generates_the_same(qwen, tmp_path):
+    model, processor = qwen
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    # A checkpoint whose template sits beside the processor only (chat_template.json) still has one.
+    template = (tmp_path / "chat_template.jinja").read_text()
+    (tmp_path / "chat_template.jinja").unlink()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    loaded, loaded_processor = load_vlm(tmp_path)
+    assert loaded_processor.chat_template == template
+    request = Request(format_prompt(loaded_processor, "red ?"), images=[random_image(0)])
+    ours = Engine(model, processor, EngineConfig(max_new_tokens=5)).generate([request])
+    theirs = Engine(loaded, loaded_processor, EngineConfig(max_new_tokens=5)).generate([request])
+    assert theirs[0].token_ids == ours[0].token_ids
 
 
 # --- (b) greedy equals HF generate ---------------------------------------------------------------

@@ -16,7 +16,9 @@ one by one and are packed two per temporal patch here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,7 +56,20 @@ class QwenProcessor:
     def from_pretrained(cls, directory) -> QwenProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(directory), AutoImageProcessor.from_pretrained(directory))
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if not getattr(tokenizer, "chat_template", None):
+            # Qwen checkpoints may keep the template at the processor level only.
+            tokenizer.chat_template = processor_chat_template(Path(directory))
+        return cls(tokenizer, AutoImageProcessor.from_pretrained(directory))
+
+
+def processor_chat_template(directory: Path) -> str | None:
+    """The chat template a checkpoint keeps beside its processor (chat_template.jinja or .json), if any."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    if (directory / "chat_template.json").is_file():
+        return json.loads((directory / "chat_template.json").read_text()).get("chat_template")
+    return None
 
 
 def pack_video_patches(frame_patches: list[torch.Tensor], channels: int, temporal: int, patch: int) -> torch.Tensor:
