@@ -154,6 +154,8 @@ def test_prompt_and_media_must_agree(qwen):
         adapter.preprocess(format_prompt(processor, "what ?"), images=[])
     with pytest.raises(ValueError, match="video tag"):
         adapter.preprocess("what ?", video=random_video(0))
+    with pytest.raises(ValueError, match="at least one frame"):
+        adapter.preprocess(format_prompt(processor, "what ?", "video"), video=random_video(0)[:0])
     with pytest.raises(ValueError, match="pad_to_square"):
         Engine(model, processor, EngineConfig(max_new_tokens=4, pad_to_square=True))
 

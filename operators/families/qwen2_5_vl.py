@@ -195,7 +195,10 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     def video_input(self, video) -> MediaInput:
         """A video as [steps, N, C * temporal * P * P]: every frame through the image processor,
         then packed ``temporal_patch_size`` frames per step (:func:`pack_video_patches`)."""
-        per_frame = [self._patches([frame]) for frame in to_frames(video)]
+        frames = to_frames(video)
+        if not frames:
+            raise ValueError(f"{self.family}: a video needs at least one frame")
+        per_frame = [self._patches([frame]) for frame in frames]
         grids = {grid for _, grid in per_frame}
         if len(grids) != 1:
             raise ValueError(f"{self.family}: all frames of a video must have the same size")
