@@ -38,6 +38,8 @@ def vision_flops(adapter, media, segments, kept_per_segment: int, rows_sharing: 
     """Tower + projector FLOPs for one media item of one row. When ``rows_sharing`` rows share one
     tower pass over the item (questions about the same video), each is charged an equal share of it,
     so the rows' sum is what ran; every row runs its own projector on the tokens it keeps."""
+    if hasattr(adapter, "vision_flops"):  # towers unlike CLIP's (Qwen-VL) estimate their own
+        return adapter.vision_flops(media, segments, kept_per_segment, rows_sharing)
     config = adapter.config
     count = media.pixel_values.shape[0]
     projected = adapter.projected_tokens(media, segments, kept_per_segment)

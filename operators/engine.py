@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import torch
@@ -178,18 +178,10 @@ class Engine:
                     items.append((r, m))
             if not items:
                 continue
-            pixels = torch.cat([rows[r].media[m].pixel_values for r, m in items]).to(self.device)
-            segs = self.adapter.encode(kind, pixels)
-            offset = 0
-            for r, m in items:
-                count = rows[r].media[m].pixel_values.shape[0]
-                encoded[r][m] = Segments(
-                    patches=segs.patches[offset : offset + count],
-                    cls_attention=segs.cls_attention[offset : offset + count],
-                    cls=None if segs.cls is None else segs.cls[offset : offset + count],
-                    grid=segs.grid,
-                )
-                offset += count
+            media = [rows[r].media[m] for r, m in items]
+            media = [replace(item, pixel_values=item.pixel_values.to(self.device)) for item in media]
+            for (r, m), segs in zip(items, self.adapter.encode_items(kind, media), strict=True):
+                encoded[r][m] = segs
             for (r, m), (r0, m0) in shared.items():
                 encoded[r][m] = encoded[r0][m0]
         return encoded

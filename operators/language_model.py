@@ -26,6 +26,27 @@ def left_padded_positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 1)
 
 
+def rope_positions(positions: torch.Tensor) -> torch.Tensor:
+    """Positions as the model's ``rotary_emb`` takes them: [B, S] unchanged; multimodal-RoPE
+    [B, S, 3] (our layout, so row gathers work on dim 1) -> HF's [3, B, S]."""
+    return positions.permute(2, 0, 1) if positions.dim() == 3 else positions
+
+
+def layer_position_ids(positions: torch.Tensor) -> torch.Tensor | None:
+    """What decoder layers get as ``position_ids``: 1-D positions; None for M-RoPE, as HF's Qwen-VL
+    text model passes them (its layers use only ``position_embeddings``)."""
+    return None if positions.dim() == 3 else positions
+
+
+def next_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B] position of each row's first generated token: after its last prompt token (1-D), or
+    max + 1 over all axes and tokens (M-RoPE, HF's rope deltas: a video's temporal positions may run
+    past the text after it)."""
+    if positions.dim() == 3:
+        return positions.masked_fill(~valid[..., None], 0).amax(dim=(1, 2)) + 1
+    return positions[:, -1] + 1
+
+
 def kv_geometry(lm: nn.Module) -> tuple[int, int]:
     config = lm.config
     heads = config.num_attention_heads
@@ -47,27 +68,33 @@ def run_layers(
     group: CacheGroup,
     layer_inputs: dict[int, torch.Tensor] | None = None,
     modules: dict[int, nn.Module] | None = None,
+    additions: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run the group's layers on a block hidden [B, q, D] at positions [B, q]; commit it to the cache.
+    """Run the group's layers on a block hidden [B, q, D] at positions [B, q] (or [B, q, 3], M-RoPE);
+    commit it to the cache.
 
     ``layer_inputs``, when given, receives the hidden state entering each layer (for scoring).
     ``modules`` maps the group's layer ids to modules outside the base stack (a twig's layers).
+    ``additions`` maps a layer id to [B, q, D] added to its output (Qwen3-VL's DeepStack).
     """
     layers = [modules[index] if modules is not None else lm.layers[index] for index in group.layers]
     mask = attention_mask(layers[0], group, block_valid, hidden.dtype)
-    position_embeddings = lm.rotary_emb(hidden, positions)
+    position_embeddings = lm.rotary_emb(hidden, rope_positions(positions))
+    position_ids = layer_position_ids(positions)
     for index, layer in zip(group.layers, layers, strict=True):
         if layer_inputs is not None:
             layer_inputs[index] = hidden
         out = layer(
             hidden,
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=position_ids,
             cache=cache,
             use_cache=True,
             position_embeddings=position_embeddings,
         )
         hidden = out[0] if isinstance(out, tuple) else out
+        if additions is not None and index in additions:
+            hidden = hidden + additions[index]
     group.advance(block_valid)
     return hidden
 
@@ -115,8 +142,11 @@ def last_token_attention(
     normed = layer.input_layernorm(layer_input[:, -1:])  # [B, 1, D]
     heads = lm.config.num_attention_heads
     kv_heads, head_dim = kv_geometry(lm)
-    q = attn.q_proj(normed).view(batch, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, Dh]
-    cos, sin = lm.rotary_emb(normed, positions[:, -1:])
+    q = attn.q_proj(normed).view(batch, 1, heads, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm on q (and k) before RoPE
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)  # [B, H, 1, Dh]
+    cos, sin = lm.rotary_emb(normed, rope_positions(positions[:, -1:]))  # [B, 1, Dh]
     q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
     keys = group.keys[layer_index][:, :, : group.length]  # [B, H_kv, S, Dh]
     keys = keys.repeat_interleave(heads // kv_heads, dim=1)  # [B, H, S, Dh]

@@ -22,7 +22,7 @@ from torch import nn
 
 from operators.batch import PromptBatch
 from operators.kv_cache import CacheGroup, KVCache
-from operators.language_model import compact_rows, new_group, run_layers, text_model
+from operators.language_model import compact_rows, new_group, next_positions, run_layers, text_model
 from operators.pruning.base import ScoreContext, keep_top
 
 
@@ -90,19 +90,21 @@ def prefill(
     if plan.twig_layer is not None and twig is None:
         raise ValueError("the layer plan runs a twig but none was given")
     batch_size = len(batch)
-    hidden, positions, valid = batch.embeds, batch.positions, batch.valid
+    hidden, positions, valid, deepstack = batch.embeds, batch.positions, batch.valid, batch.deepstack
     visual, prunable = batch.visual & valid, batch.prunable & valid
     tokens_per_layer = valid.sum(dim=1, keepdim=True).repeat(1, n_layers)
     groups: list[CacheGroup] = []
     twig_cache, twig_tokens, shallow = None, None, 0
     visual_kept = visual.sum(dim=1)
+    next_position = next_positions(positions, valid)  # before pruning: HF continues after the unpruned prompt
     start = 0
     for end in [*plan.breakpoints(), n_layers]:
         group = new_group(lm, range(start, end), batch_size, valid.shape[1] + capacity, batch.embeds)
         groups.append(group)
         inputs: dict[int, torch.Tensor] = {}
         record = inputs if end == plan.prune_layer else None  # only the scores at K need layer inputs
-        hidden = run_layers(lm, hidden, positions, valid, KVCache(groups), group, record)
+        additions = _deepstack_additions(deepstack, group.layers)
+        hidden = run_layers(lm, hidden, positions, valid, KVCache(groups), group, record, additions=additions)
         tokens_per_layer[:, start:end] = valid.sum(dim=1, keepdim=True)
         context = ScoreContext(lm, positions, inputs, group)
         if end == plan.twig_layer:
@@ -114,24 +116,37 @@ def prefill(
             twig_tokens = valid.sum(dim=1)
         if end == plan.prune_layer and end < n_layers and pruning is not None:
             kept = keep_top(pruning.scores(context), prunable, pruning.keep) & valid
-            valid, hidden, positions, visual, prunable = _compact(kept, hidden, positions, visual, prunable)
+            valid, hidden, positions, visual, prunable, deepstack = _compact(
+                kept, hidden, positions, visual, prunable, deepstack
+            )
             visual_kept = visual.sum(dim=1)
         if end == plan.wipe_layer and end < n_layers:
-            valid, hidden, positions, visual, prunable = _compact(valid & ~visual, hidden, positions, visual, prunable)
+            valid, hidden, positions, visual, prunable, deepstack = _compact(
+                valid & ~visual, hidden, positions, visual, prunable, deepstack
+            )
         start = end
     return PrefillState(
         base=KVCache(groups),
         twig=twig_cache,
         shallow_groups=shallow,
         last_hidden=lm.norm(hidden[:, -1]),
-        next_position=positions[:, -1] + 1,
+        next_position=next_position,
         tokens_per_layer=tokens_per_layer,
         twig_tokens=twig_tokens,
         visual_kept=visual_kept,
     )
 
 
-def _compact(keep: torch.Tensor, hidden, positions, visual, prunable) -> tuple[torch.Tensor, ...]:
-    """Each row's kept tokens, left-padded to the longest row (``operators.language_model.compact_rows``)."""
-    valid, hidden, positions, visual, prunable = compact_rows(keep, hidden, positions, visual, prunable)
-    return valid, hidden, positions, visual & valid, prunable & valid
+def _compact(keep: torch.Tensor, hidden, positions, visual, prunable, deepstack=None) -> tuple[torch.Tensor, ...]:
+    """Each row's kept tokens, left-padded to the longest row (``operators.language_model.compact_rows``);
+    DeepStack features [B, S, levels, D], when there are any, follow their tokens."""
+    extra = () if deepstack is None else (deepstack,)
+    valid, hidden, positions, visual, prunable, *rest = compact_rows(keep, hidden, positions, visual, prunable, *extra)
+    return valid, hidden, positions, visual & valid, prunable & valid, (rest[0] if rest else None)
+
+
+def _deepstack_additions(deepstack: torch.Tensor | None, layers) -> dict[int, torch.Tensor] | None:
+    """Layer id -> the DeepStack level added after it ([B, S, D]), for the group's layers that have one."""
+    if deepstack is None:
+        return None
+    return {i: deepstack[:, :, i] for i in layers if i < deepstack.shape[2]}

@@ -198,3 +198,5 @@ register_family(
         "LLaVA-OneVision (SigLIP, anyres crops, pooled video frames)",
     )
 )
+register_family(FamilySpec("qwen2_5_vl", "operators.families.qwen2_5_vl:Qwen2_5_VLAdapter", "Qwen2.5-VL (M-RoPE)"))
+register_family(FamilySpec("qwen3_vl", "operators.families.qwen3_vl:Qwen3VLAdapter", "Qwen3-VL (M-RoPE, DeepStack)"))

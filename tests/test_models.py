@@ -363,7 +363,7 @@ def test_unsupported_model_type_names_the_supported_ones(tmp_path):
     assert str(error.value) == (
         f"model.path: {folder} has model_type 'qwen2_vl', which this job does not serve; supported: {supported}"
     )
-    assert supported == "llava, llava_next, video_llava, llava_onevision"
+    assert supported == "llava, llava_next, video_llava, llava_onevision, qwen2_5_vl, qwen3_vl"
 
 
 def test_missing_processor_is_refused(tmp_path, tiny_models):

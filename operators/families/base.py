@@ -30,12 +30,18 @@ class MediaInput:
     pixel_values: torch.Tensor  # [segments, 3, H, W]
     image_size: tuple[int, int] | None = None  # original (H, W), LLaVA-NeXT only
     tokens: int | None = None  # placeholder tokens it fills unpruned; None: its whole placeholder run
+    # Qwen-VL: pixel_values are [segments, patches, C * temporal * P * P] flattened patches, grid is
+    # the (t, h, w) patch grid, seconds_per_step the time one temporal patch spans (video).
+    grid: tuple[int, int, int] | None = None
+    seconds_per_step: float = 1.0
 
 
 @dataclass
 class RowInputs:
     input_ids: torch.Tensor  # [S] prompt ids with placeholder runs, one run per media item
     media: list[MediaInput] = field(default_factory=list)
+    # [S, 3] multimodal-RoPE (t, h, w) positions of the unpruned prompt (Qwen-VL); None: 1-D positions
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -46,6 +52,9 @@ class Segments:
     cls_attention: torch.Tensor  # [segments, N] head-mean [CLS] -> patch attention
     cls: torch.Tensor | None  # [segments, C] [CLS] features when the model feeds them to the LLM
     grid: tuple[int, int]
+    # [segments, N, levels, D] Qwen3-VL DeepStack: features of several tower layers, one per
+    # patch, added to the visual tokens' hidden states after the first ``levels`` LM layers
+    deepstack: torch.Tensor | None = None
 
 
 @dataclass
@@ -54,6 +63,10 @@ class Stream:
 
     embeds: torch.Tensor  # [V, D]
     prunable: torch.Tensor  # [V] bool: False for newline / CLS tokens
+    # [V] long: which token of the item's unpruned placeholder run each is (M-RoPE families: its
+    # position comes from there); None: the stream fills the run in order
+    source: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None  # [V, levels, D] the kept tokens' DeepStack features
 
 
 def to_frames(video) -> list[Image.Image]:
@@ -127,6 +140,26 @@ class FamilyAdapter:
     def encode(self, kind: str, pixel_values: torch.Tensor) -> Segments:
         """Vision tower(s) over ``pixel_values`` [segments, 3, H, W]: features and importance scores."""
         raise NotImplementedError
+
+    def encode_items(self, kind: str, media: list[MediaInput]) -> list[Segments]:
+        """Per media item (all of ``kind``), its Segments: one :meth:`encode` over all their pixels,
+        split by segment counts. Families whose items differ in shape override this."""
+        pixels = torch.cat([item.pixel_values for item in media])
+        segs = self.encode(kind, pixels)
+        out, offset = [], 0
+        for item in media:
+            count = item.pixel_values.shape[0]
+            out.append(
+                Segments(
+                    patches=segs.patches[offset : offset + count],
+                    cls_attention=segs.cls_attention[offset : offset + count],
+                    cls=None if segs.cls is None else segs.cls[offset : offset + count],
+                    grid=segs.grid,
+                    deepstack=None if segs.deepstack is None else segs.deepstack[offset : offset + count],
+                )
+            )
+            offset += count
+        return out
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Vision features [..., C] -> language-model embeddings [..., D]."""

@@ -1,0 +1,135 @@
+"""Tiny random-weight Qwen2.5-VL and Qwen3-VL checkpoints for the tests, built from configs in code (no downloads)."""
+
+from __future__ import annotations
+
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from operators.families.qwen2_5_vl import QwenProcessor
+from training.builders import WORDS, copy_generation_ids, random_init, word_tokenizer
+
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen's chat template, cut down: media first in the user turn, as <|vision_start|><|pad|><|vision_end|>.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_tokenizer(extra_words: int = 200):
+    tokenizer = word_tokenizer(WORDS + ["user", "assistant", "system"] + [f"w{i}" for i in range(extra_words)])
+    tokenizer.add_tokens(QWEN_SPECIAL, special_tokens=True)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 4, window_size: int = 16, **text_overrides):
+    """Qwen2_5_VLForConditionalGeneration: 4 tower blocks (full attention in 1 and 3, 2x2-merge-unit
+    windows elsewhere), a 4-layer GQA LM with M-RoPE (mrope_section 2+3+3 of head_dim/2 = 8)."""
+    tokenizer = qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text.update(text_overrides)
+    vision = dict(
+        depth=4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        tokens_per_second=2,
+        window_size=window_size,
+        out_hidden_size=text["hidden_size"],
+        fullatt_block_indexes=[1, 3],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = random_init(Qwen2_5_VLForConditionalGeneration(config), seed)
+    copy_generation_ids(model, tokenizer)
+    return model, QwenProcessor(tokenizer, qwen_image_processor(patch_size))
+
+
+def qwen_image_processor(patch_size: int) -> Qwen2VLImageProcessorPil:
+    """Qwen's PIL image processor at the tiny patch size (images resized to multiples of 2 patches)."""
+    factor = patch_size * 2
+    return Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 4 * factor * factor, "longest_edge": 64 * factor * factor},
+    )
+
+
+def tiny_qwen3_vl(seed: int = 0, patch_size: int = 4, **text_overrides):
+    """Qwen3VLForConditionalGeneration: 4 tower blocks with DeepStack taps after blocks 1 and 2 (added
+    after LM layers 0 and 1), learned position grid 8x8, a 4-layer GQA LM with q/k norms and
+    interleaved M-RoPE."""
+    tokenizer = qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text.update(text_overrides)
+    vision = dict(
+        depth=4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=text["hidden_size"],
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[1, 2],
+    )
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = random_init(Qwen3VLForConditionalGeneration(config), seed)
+    copy_generation_ids(model, tokenizer)
+    return model, QwenProcessor(tokenizer, qwen_image_processor(patch_size))
