@@ -212,7 +212,15 @@ BUILDERS = {
     "llava_next": tiny_llava_next,
     "video_llava": tiny_video_llava,
     "llava_onevision": tiny_llava_onevision,
+    "qwen2_5_vl": lambda seed=0, **kwargs: _qwen("tiny_qwen2_5_vl", seed, **kwargs),
+    "qwen3_vl": lambda seed=0, **kwargs: _qwen("tiny_qwen3_vl", seed, **kwargs),
 }
+
+
+def _qwen(builder: str, seed: int, **kwargs):
+    from tests import tiny_qwen  # imports this module's siblings only when a Qwen model is asked for
+
+    return getattr(tiny_qwen, builder)(seed=seed, **kwargs)
 
 
 def save_tiny(family: str, directory: str | Path, seed: int = 0, **kwargs) -> Path:

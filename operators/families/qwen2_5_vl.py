@@ -57,9 +57,9 @@ class QwenProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        if not getattr(tokenizer, "chat_template", None):
-            # Qwen checkpoints may keep the template at the processor level only.
-            tokenizer.chat_template = processor_chat_template(Path(directory))
+        # The processor-level template (chat_template.jinja/.json) wins, as in Hugging Face's
+        # AutoProcessor: it is the one that places media; a tokenizer's may be text-only.
+        tokenizer.chat_template = processor_chat_template(Path(directory)) or getattr(tokenizer, "chat_template", None)
         return cls(tokenizer, AutoImageProcessor.from_pretrained(directory))
 
 
