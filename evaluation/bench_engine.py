@@ -6,6 +6,8 @@ images in the same process, interleaved over repeats, and is printed as a ratio 
 
     python jobs/bench_engine.py                       # CPU preset (reduced widths, see --help)
     python jobs/bench_engine.py --preset llava-1.5-7b --device cuda --dtype bfloat16
+    python jobs/bench_engine.py --preset qwen2.5-vl-7b --device cuda --dtype bfloat16   # 576 merged tokens
+    python jobs/bench_engine.py --preset qwen2.5-vl-7b-cpu                               # widths x 1/8
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ PRESETS = {
         ),
     ),
 }
+# Random-weight models with a real model's geometry (evaluation.geometry): preset -> (geometry, width scale).
+GEOMETRY_PRESETS = {"qwen2.5-vl-7b": ("qwen2.5-vl-7b", 1.0), "qwen2.5-vl-7b-cpu": ("qwen2.5-vl-7b", 0.125)}
 METHODS = [("none", None), ("vispruner", 192), ("vispruner", 128), ("vispruner", 64), ("fastv", 64)]
 
 
@@ -57,6 +61,13 @@ def synthetic_images(count: int, seed: int = 0) -> list[Image.Image]:
 
 
 def build_model(preset: str, device: str, dtype: torch.dtype):
+    if preset in GEOMETRY_PRESETS:
+        from evaluation.geometry import build_model as build_geometry
+
+        name, scale = GEOMETRY_PRESETS[preset]
+        with torch.device(device):
+            model, processor = build_geometry(name, scale)
+        return model.to(device=device, dtype=dtype).eval(), processor
     spec = PRESETS[preset]
     with torch.device(device):
         tokenizer = basic_tokenizer()
@@ -115,10 +126,19 @@ def run(args) -> dict:
         batch=args.batch,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
-        text=PRESETS[args.preset]["text"],
-        vision=PRESETS[args.preset]["vision"],
+        **sizes(args.preset),
         rows=rows,
     )
+
+
+def sizes(preset: str) -> dict:
+    """The preset's text and vision sizes, for the report."""
+    if preset in GEOMETRY_PRESETS:
+        from evaluation.geometry import GEOMETRIES
+
+        name, scale = GEOMETRY_PRESETS[preset]
+        return dict(geometry=name, width_scale=scale, sizes=GEOMETRIES[name].scaled(scale))
+    return dict(text=PRESETS[preset]["text"], vision=PRESETS[preset]["vision"])
 
 
 def markdown(report: dict) -> str:
@@ -143,7 +163,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted([*PRESETS, *GEOMETRY_PRESETS]), default="cpu")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch", type=int, default=1)

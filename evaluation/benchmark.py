@@ -10,7 +10,9 @@ setups are checked to write exactly the captions of their greedy twins.
     python jobs/benchmark.py --out reports/benchmark              # demo model, CPU, ~15 min
     python jobs/benchmark.py --images 8 --videos 8 --setups none vispruner-1/9   # a quick look
     # a random-weight model with LLaVA-1.5-7B's proportions (evaluation.geometry), fixed output lengths
-    python jobs/benchmark.py --geometry llava-1.5-7b --task qa --images 24 --videos 0 --setups none vispruner-1/9
+    python jobs/benchmark.py --geometry llava-1.5-7b --images 24 --videos 0 --max-new-tokens 4 \
+        --setups none vispruner-1/9
+    python jobs/benchmark.py --geometry qwen2.5-vl-7b ...   # Qwen2.5-VL-7B's proportions, 576 merged tokens
 
 Writes benchmark.json, benchmark.md and benchmark.png (items/s against RelAcc, Pareto front).
 """
@@ -293,8 +295,11 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
         # Random weights stop at random lengths: every setup generates exactly max_new_tokens.
         args.overrides = [f"model.path='{model_dir}'", "decode.ignore_eos=true", *args.overrides]
     base = load_config(args.config, args.overrides)
-    vision = model_config(base.model.path).vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
+    if args.geometry:
+        patches = GEOMETRIES[args.geometry].tokens_per_image
+    else:
+        vision = model_config(base.model.path).vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
     twig = args.twig or (
         os.path.join(base.model.path, "twig") if os.path.isdir(os.path.join(base.model.path, "twig")) else None
     )

@@ -17,7 +17,7 @@ any other, so the benchmark runs the real pipeline on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER = "geometry.json"
@@ -42,6 +42,8 @@ class Geometry:
     text_kv_heads: int  # at full width
     vocab: int
     note: str
+    tokens_per_image: int = 576  # visual tokens the language model sees per image, unpruned
+    extra: dict = field(default_factory=dict)  # family-specific settings, kept as the real model's
 
     def scaled(self, width_scale: float) -> dict:
         """The sizes at ``width_scale``: widths, MLPs, heads and vocabulary scaled, depths kept."""
@@ -82,6 +84,28 @@ GEOMETRIES = {
         vocab=32000,
         note="liuhaotian/llava-v1.5-7b / llava-hf/llava-1.5-7b-hf",
     ),
+    # Qwen2.5-VL-7B-Instruct. Images are sized dynamically by the real model; here every square image
+    # (the benchmark corpus's) is resized to 672 x 672 px, 48 x 48 patches of 14 px, merged 2x2 into
+    # 576 tokens (as LLaVA-1.5's), so the two geometries see the same number of visual tokens. Its
+    # tower is large next to LLaVA-1.5's: 2,304 patches through 32 blocks of width 1280.
+    "qwen2.5-vl-7b": Geometry(
+        name="qwen2.5-vl-7b",
+        model_type="qwen2_5_vl",
+        image_size=672,
+        patch_size=14,
+        vision_layers=32,
+        vision_width=1280,
+        vision_mlp=3420,
+        vision_head_dim=80,
+        text_layers=28,  # Qwen2-7B
+        text_width=3584,
+        text_mlp=18944,
+        text_head_dim=128,
+        text_kv_heads=4,
+        vocab=152064,
+        note="Qwen/Qwen2.5-VL-7B-Instruct",
+        extra=dict(window_size=112, fullatt_block_indexes=[7, 15, 23, 31], mrope_section=[16, 24, 24]),
+    ),
 }
 
 
@@ -97,15 +121,72 @@ def build_checkpoint(name: str, out: Path, width_scale: float = 0.125, seed: int
     if marker.exists() and json.loads(marker.read_text()).get("built") == wanted:
         return folder
     sizes = geometry.scaled(width_scale)
-    if geometry.model_type == "llava":
-        model, processor = _llava(geometry, sizes, seed)
-    else:  # pragma: no cover - GEOMETRIES holds only the types above
-        raise ValueError(f"no builder for model_type {geometry.model_type!r}")
+    model, processor = build_model(name, width_scale, seed)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     marker.write_text(json.dumps({"built": wanted, "sizes": sizes, "real": geometry.note}, indent=2))
     return folder
+
+
+def build_model(name: str, width_scale: float = 0.125, seed: int = 0):
+    """(model, processor) of geometry ``name`` at ``width_scale``, random weights, in memory."""
+    geometry = GEOMETRIES[name]
+    builders = {"llava": _llava, "qwen2_5_vl": _qwen2_5_vl}
+    return builders[geometry.model_type](geometry, geometry.scaled(width_scale), seed)
+
+
+def _qwen2_5_vl(geometry: Geometry, sizes: dict, seed: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from operators.families.qwen2_5_vl import QwenProcessor
+    from training.builders import QWEN_SPECIAL, copy_generation_ids, qwen_image_processor, qwen_tokenizer, random_init
+
+    tokenizer = qwen_tokenizer(extra_words=max(200, sizes["vocab"] - 130))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes["text_width"],
+        intermediate_size=sizes["text_mlp"],
+        num_hidden_layers=geometry.text_layers,
+        num_attention_heads=sizes["text_heads"],
+        num_key_value_heads=sizes["text_kv_heads"],
+        max_position_embeddings=32768,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": geometry.extra["mrope_section"],
+        },
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        depth=geometry.vision_layers,
+        hidden_size=sizes["vision_width"],
+        intermediate_size=sizes["vision_mlp"],
+        num_heads=sizes["vision_heads"],
+        patch_size=geometry.patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        tokens_per_second=2,
+        window_size=geometry.extra["window_size"],
+        fullatt_block_indexes=geometry.extra["fullatt_block_indexes"],
+        out_hidden_size=sizes["text_width"],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = random_init(Qwen2_5_VLForConditionalGeneration(config), seed)
+    copy_generation_ids(model, tokenizer)
+    # Every image resized to exactly tokens_per_image merged tokens (min = max pixels).
+    image_processor = qwen_image_processor(geometry.patch_size, geometry.tokens_per_image, geometry.tokens_per_image)
+    return model, QwenProcessor(tokenizer, image_processor)
 
 
 def _llava(geometry: Geometry, sizes: dict, seed: int):

@@ -436,3 +436,23 @@ def test_qwen3_fastv_carries_deepstack_with_the_kept_tokens(qwen3, monkeypatch):
                 assert torch.equal(d, original[tuple(p)])
             else:
                 assert not d.any()
+
+
+def test_tower_flops_charge_windowed_blocks_their_windows_only():
+    """Qwen2.5-VL's windowed blocks attend within a window: their attention is charged n * window
+    patches, the full-attention blocks n * n; per image; shared rows split the tower."""
+    model, processor = tiny_qwen2_5_vl(seed=0, patch_size=4, window_size=16)
+    engine = Engine(model, processor, EngineConfig(max_new_tokens=1))
+    row = engine.adapter.preprocess(format_prompt(processor, "red ?"), [random_image(3, 64, 64)])
+    media = row.media[0]
+    vision = model.config.vision_config
+    n, c, window = media.pixel_values.shape[1], vision.hidden_size, (16 // 4) ** 2
+    windowed = vision.depth - len(vision.fullatt_block_indexes)
+    assert n == 256 and windowed == 2
+    charged = engine.adapter.vision_flops(media, None, 0, 1)
+    vision.fullatt_block_indexes = list(range(vision.depth))  # every block full: n * n everywhere
+    try:
+        assert engine.adapter.vision_flops(media, None, 0, 1) - charged == windowed * 4.0 * n * (n - window) * c
+    finally:
+        vision.fullatt_block_indexes = [1, 3]
+    assert engine.adapter.vision_flops(media, None, 0, 4) == pytest.approx(charged / 4)

@@ -8,29 +8,9 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from operators.families.qwen2_5_vl import QwenProcessor
-from training.builders import WORDS, copy_generation_ids, random_init, word_tokenizer
-
-QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-# Qwen's chat template, cut down: media first in the user turn, as <|vision_start|><|pad|><|vision_end|>.
-QWEN_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def qwen_tokenizer(extra_words: int = 200):
-    tokenizer = word_tokenizer(WORDS + ["user", "assistant", "system"] + [f"w{i}" for i in range(extra_words)])
-    tokenizer.add_tokens(QWEN_SPECIAL, special_tokens=True)
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return tokenizer
+from training.builders import QWEN_SPECIAL, copy_generation_ids, qwen_image_processor, qwen_tokenizer, random_init
 
 
 def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 4, window_size: int = 16, **text_overrides):
@@ -76,17 +56,6 @@ def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 4, window_size: int = 16, *
     model = random_init(Qwen2_5_VLForConditionalGeneration(config), seed)
     copy_generation_ids(model, tokenizer)
     return model, QwenProcessor(tokenizer, qwen_image_processor(patch_size))
-
-
-def qwen_image_processor(patch_size: int) -> Qwen2VLImageProcessorPil:
-    """Qwen's PIL image processor at the tiny patch size (images resized to multiples of 2 patches)."""
-    factor = patch_size * 2
-    return Qwen2VLImageProcessorPil(
-        patch_size=patch_size,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": 4 * factor * factor, "longest_edge": 64 * factor * factor},
-    )
 
 
 def tiny_qwen3_vl(seed: int = 0, patch_size: int = 4, **text_overrides):

@@ -127,3 +127,39 @@ def copy_generation_ids(model, tokenizer) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+
+# --- Qwen-VL: a word-level tokenizer with Qwen's special tokens and chat template, its image processor
+
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen's chat template, cut down: media first in the user turn, as <|vision_start|><|pad|><|vision_end|>.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_tokenizer(extra_words: int = 200):
+    tokenizer = word_tokenizer(WORDS + ["user", "assistant", "system"] + [f"w{i}" for i in range(extra_words)])
+    tokenizer.add_tokens(QWEN_SPECIAL, special_tokens=True)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen_image_processor(patch_size: int, min_tokens: int = 4, max_tokens: int = 64):
+    """Qwen's PIL image processor (images resized to multiples of 2 patches, between ``min_tokens`` and
+    ``max_tokens`` merged tokens)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    factor = patch_size * 2
+    return Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": min_tokens * factor * factor, "longest_edge": max_tokens * factor * factor},
+    )

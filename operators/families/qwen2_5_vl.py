@@ -342,18 +342,22 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         )
 
     def vision_flops(self, media: MediaInput, segments: Segments, kept_per_segment: int, rows_sharing: int) -> float:
-        """Tower FLOPs (blocks over every patch, windows ignored; merger), charged in shares."""
-        from operators.accounting import transformer_layer_flops
-
+        """Tower FLOPs, charged in shares: per segment (image or temporal step) of n patches, every
+        block's projections and MLP over n; attention over n in full-attention blocks and over a
+        window's patches in windowed ones (Qwen2.5-VL); the patch embedding and the 2x2 merger.
+        Qwen3-VL's DeepStack mergers are left out."""
         vision = self.config.vision_config
-        patches = media.pixel_values.shape[0] * media.pixel_values.shape[1]
+        count, n, per_patch_in = media.pixel_values.shape  # segments, patches per segment, C*T*P*P
         c, f = vision.hidden_size, vision.intermediate_size
-        per_patch_in = media.pixel_values.shape[-1]
-        tower = vision.depth * transformer_layer_flops(patches, c, f, ffn_matrices=3)
-        tower += 2.0 * patches * per_patch_in * c
+        ffn_matrices = 3 if hasattr(self.model.model.visual.blocks[0].mlp, "gate_proj") else 2
+        full = set(getattr(vision, "fullatt_block_indexes", None) or range(vision.depth))
+        window = (getattr(vision, "window_size", 0) or 0) // vision.patch_size
+        window_patches = min(n, window * window) if window else n
+        dense = vision.depth * (8.0 * n * c * c + 2.0 * ffn_matrices * n * c * f)
+        attention = sum(4.0 * n * (n if block in full else window_patches) * c for block in range(vision.depth))
         wide = c * self.merge**2
-        tower += 2.0 * (patches // self.merge**2) * (wide * wide + wide * vision.out_hidden_size)
-        return tower / rows_sharing
+        merger = 2.0 * (n // self.merge**2) * (wide * wide + wide * vision.out_hidden_size)
+        return count * (dense + attention + 2.0 * n * per_patch_in * c + merger) / rows_sharing
 
 
 def _split_tags(text: str, tags: tuple[str, ...]) -> list[str]:
