@@ -94,6 +94,8 @@ class ModelInfo:
     twig: str | None  # decode.twig as it will be loaded (named, or the model's twig/ picked by default)
     # Visual tokens one image feeds the language model unpruned; None when it depends on the image (anyres)
     visual_tokens_per_image: int | None
+    # When the count depends on the image: how it does, and what a budget applies to (for --dry-run)
+    visual_tokens_rule: str | None = None
 
 
 def parse_model_path(path: str) -> ModelSource:
@@ -396,6 +398,7 @@ def check_model(config: Config) -> ModelInfo:
         local_dir=Path(source.location) if source.kind == LOCAL else None,
         twig=twig,
         visual_tokens_per_image=_visual_tokens(model_type, hf_config),
+        visual_tokens_rule=_visual_tokens_rule(model_type, hf_config),
     )
 
 
@@ -462,6 +465,42 @@ def _fixed_grid_tokens(hf_config) -> int | None:
 # Per family: visual tokens per image from its transformers config. LLaVA-NeXT is absent: anyres
 # crops make the count depend on the image's size.
 VISUAL_TOKENS: dict[str, Callable] = {"llava": _fixed_grid_tokens, "video_llava": _fixed_grid_tokens}
+
+
+def _merged_rule(hf_config) -> str:
+    vision = hf_config.vision_config
+    side = vision.patch_size * vision.spatial_merge_size
+    return (
+        f"one per {side}x{side} px of the image as the processor resizes it (within its min/max pixels); "
+        f"a video: the same per frame pair ({vision.temporal_patch_size} frames a temporal step); a budget "
+        "applies per image and per temporal step"
+    )
+
+
+def _crops_rule(hf_config) -> str:
+    vision = hf_config.vision_config
+    side = vision.image_size // vision.patch_size
+    return (
+        f"{side}x{side} per crop, a base crop plus AnyRes crops by the image's size, and row newlines; a "
+        "budget applies per crop and per video frame"
+    )
+
+
+# Per family whose count depends on the image: how (for --dry-run).
+VISUAL_TOKEN_RULES: dict[str, Callable] = {
+    "qwen2_5_vl": _merged_rule,
+    "qwen3_vl": _merged_rule,
+    "llava_next": _crops_rule,
+    "llava_onevision": _crops_rule,
+}
+
+
+def _visual_tokens_rule(model_type: str, hf_config) -> str | None:
+    rule = VISUAL_TOKEN_RULES.get(model_type)
+    try:
+        return rule(hf_config) if rule and hf_config is not None else None
+    except AttributeError:  # a config without the fields: say nothing rather than fail the check
+        return None
 
 
 def _visual_tokens(model_type: str, hf_config) -> int | None:

@@ -421,6 +421,12 @@ def describe_model(prepared: Prepared) -> list[str]:
         engine = config.to_engine_config()
         if engine.budget is not None and engine.budget_unit == "kept":
             line += f"; pruning keeps {min(engine.budget, per_image)} per image/frame"
+    rule = getattr(info, "visual_tokens_rule", None)
+    if not per_image and rule:
+        line += f"; visual tokens: {rule}"
+        engine = config.to_engine_config()
+        if engine.budget is not None:
+            line += f"; pruning keeps {engine.budget} ({engine.budget_unit})"
     twig = getattr(info, "twig", None) or config.decode.twig
     if twig and config.to_engine_config().needs_twig:
         line += f"; twig {twig}"

@@ -93,3 +93,18 @@ def test_a_qwen_checkpoint_through_the_caption_job(family, ray_local, corpus, tm
             assert row["visual_tokens_total"] == unpruned[item]["visual_tokens_total"]
             assert row["visual_tokens_kept"] == BUDGET * segments, (method, row["media_type"])
     assert video["visual_tokens_total"] % steps == 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_a_dry_run_says_how_the_visual_tokens_of_an_image_are_counted(family, corpus, tmp_path):
+    from pipeline.api import dry_run
+
+    directory = save_tiny(family, tmp_path / family)
+    text = dry_run("configs/demo.yaml", [f"model.path='{directory}'"], input=str(corpus), output=str(tmp_path / "o"))
+    line = next(line for line in text.splitlines() if line.startswith("model:"))
+    assert f"model_type {family}" in line and "pruning keeps 21 (kept)" in line
+    if family == "qwen2_5_vl":
+        assert "one per 8x8 px of the image" in line and "per temporal step" in line
+    else:
+        assert "per crop" in line and "AnyRes" in line
+    assert not (tmp_path / "o").exists()
