@@ -320,7 +320,8 @@ def prepare(config: Config) -> Prepared:
         lambda: load_work_rows(config, options_for(config.input.uri, config)), policy, "listing the input"
     )
     retry_kinds = check_retry_kinds(config.output.retry_errors)
-    done, _ = resume.done_items(config.output.uri, fingerprint, options_for(config.output.uri, config), retry_kinds, policy)
+    options = options_for(config.output.uri, config)
+    done, _ = resume.done_items(config.output.uri, fingerprint, options, retry_kinds, policy)
     # Grouped by media type, so engine batches hold prompts of similar length (images apart from videos).
     todo = sorted((row for row in work if row["item_id"] not in done), key=lambda row: row["media_type"] or "")
     return Prepared(config, new_run_id(), fingerprint, work, {r["item_id"] for r in work} & done, todo, model)
