@@ -48,12 +48,18 @@ def rejection_sample(
     target = p[rows, accepted]  # [B, V]
     rejected = accepted < n
     if width > 1:
-        residual = (target - q[rows, accepted.clamp(max=width - 2)]).clamp_min(0.0)
-        mass = residual.sum(dim=1, keepdim=True)
-        # A zero residual happens only when p == q there, where rejection has probability 0.
-        residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)
-        target = torch.where(rejected[:, None], residual, target)
+        fallback = residual(target, q[rows, accepted.clamp(max=width - 2)])
+        target = torch.where(rejected[:, None], fallback, target)
     return accepted, sampler.categorical(target)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalise(max(0, p - q)) [B, V]: what a rejected draft is replaced by. Where q is zero (tokens
+    outside a draft vocabulary) it is p's own mass: those tokens come only from here."""
+    out = (p - q).clamp_min(0.0)
+    mass = out.sum(dim=1, keepdim=True)
+    # A zero residual happens only when p == q there, where rejection has probability 0.
+    return torch.where(mass > 0, out / mass.clamp_min(1e-30), p)
 
 
 class _Output:
@@ -82,7 +88,7 @@ class _Draft:
     n: torch.Tensor  # [B] drafts per row
     hidden: torch.Tensor  # [B, W, D] layer-K states of inputs pending, d_1, ..., d_{W-1}
     valid: torch.Tensor  # [B, W] which of those inputs each row fed
-    probs: list[torch.Tensor]  # sampling: the twig's distribution [B, V] at each draft step
+    probs: list[torch.Tensor]  # sampling: the twig's distribution [B, V] at each draft step (greedy: none)
 
 
 class SelfSpeculative(Decoder):
@@ -164,22 +170,24 @@ class SelfSpeculative(Decoder):
             hidden_k = _run_groups(lm, embeds, step_pos, step_valid, state.base, state.shallow)
             twig_group = state.twig.groups[0]
             hidden = run_layers(lm, hidden_k, step_pos, step_valid, state.twig, twig_group, None, twig.modules_by_id)
-            logits = twig.head(twig.norm(hidden)).float()[:, -1]  # [B, V]
             hidden_steps.append(hidden_k)
             valid_steps.append(step_valid)
             if j == max_draft:
-                break
+                break  # this input only feeds the caches and the verification: no head
+            # The head scores the twig's draft vocabulary (N <= V ids): index [B] -> base id via full_ids.
+            logits = twig.head(twig.norm(hidden[:, -1])).float()  # [B, N]
             make = drafting & running & (n < cap)
             if sampler.greedy:
                 probs = logits.softmax(dim=-1)
-                candidate = probs.argmax(dim=-1)
+                index = probs.argmax(dim=-1)
             else:
                 probs = sampler.probs(logits)
-                candidate = sampler.categorical(probs, rows=make)
-            draft_probs.append(probs)
+                index = sampler.categorical(probs, rows=make)
+                draft_probs.append(twig.full_probs(probs))  # q over the base vocabulary: zero outside N
+            candidate = twig.full_ids(index)
             tokens[:, j] = torch.where(make, candidate, tokens[:, j])
             n += make.long()
-            low = probs.gather(1, candidate[:, None])[:, 0] < self.config.draft_threshold
+            low = probs.gather(1, index[:, None])[:, 0] < self.config.draft_threshold
             drafting &= make & ~low & ~torch.isin(candidate, eos)
             token = torch.where(make, candidate, token)
         return _Draft(tokens, n, torch.cat(hidden_steps, dim=1), torch.cat(valid_steps, dim=1), draft_probs)
