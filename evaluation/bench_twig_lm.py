@@ -33,8 +33,9 @@ from operators.decoding.speculative import SelfSpeculative
 from operators.language_model import text_model
 from operators.prefill import LayerPlan
 from operators.settings import EngineConfig
-from operators.twig import grow_twig
-from training.train_twig import Conversation, TwigTrainConfig, agreement, encode, train_twig
+from operators.twig import grow_twig, restrict_vocab
+from training.draft_vocab import choose_draft_vocab, count_tokens, coverage, coverage_curve
+from training.train_twig import IGNORE, Conversation, TwigTrainConfig, agreement, encode, train_twig
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Instructions are template x topic; the held-out ones use templates and topics training never saw.
@@ -224,6 +225,16 @@ def compare(model, twig, tokenizer, prompts, batches, max_new_tokens, label) -> 
     return rows
 
 
+def restrict_to_replies(twig, processor, conversations: list[Conversation], n: int) -> dict:
+    """Restrict the twig's head to the ``n`` most frequent tokens (EOS kept) of the conversations'
+    replies, which are the base's own greedy ones: counting them counts the base's outputs."""
+    labels = [encode(processor, c).labels for c in conversations]
+    counts = count_tokens([t[t != IGNORE] for t in labels], twig.vocab_size)
+    vocab = choose_draft_vocab(counts, n, [processor.tokenizer.eos_token_id])
+    restrict_vocab(twig, vocab)
+    return {"size": len(vocab), "coverage": round(coverage(counts, vocab), 5), "coverage_curve": coverage_curve(counts)}
+
+
 def markdown(report: dict) -> str:
     columns = ["twig", "batch", "greedy_tokens_per_s", "ssd_tokens_per_s", "speedup", "acceptance"]
     columns += ["accepted_per_round", "tokens_per_round", "identical"]
@@ -259,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--distill", type=float, default=0.0, help="weight of KL(base || twig) (train_twig's PredKL)")
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        help="restrict the twig's head to the N most frequent tokens of the base's training replies (0: all)",
+    )
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -293,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     twig = grow_twig(model, args.K, args.T)
+    draft_vocab = None
+    if args.draft_vocab:
+        draft_vocab = restrict_to_replies(twig, processor, train, args.draft_vocab)
+        log(
+            f"draft vocabulary of {args.draft_vocab}; coverage of the training replies: {draft_vocab['coverage_curve']}"
+        )
     results = compare(model, twig, tokenizer, eval_prompts, [1], args.max_new_tokens, "untrained")
     untrained = agreement(model, processor, twig, held, args.K)["all"]["twig_base_agreement"]
     cfg = TwigTrainConfig(
@@ -326,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "training": {k: v for k, v in training.items() if k != "losses"},
         "agreement": {"untrained": untrained, "trained": trained},
+        "draft_vocab": draft_vocab,
         "results": [{k: v for k, v in r.items()} for r in results],
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -50,6 +50,17 @@ class InLLMPruning:
 
 
 @dataclass
+class DeepInput:
+    """Layer K's output when the deep layers are deferred (SSD folds them into its first verification)."""
+
+    hidden: torch.Tensor  # [B, S, D] after layer K (and after pruning there)
+    positions: torch.Tensor  # [B, S]
+    valid: torch.Tensor  # [B, S]
+    visual: torch.Tensor  # [B, S]
+    start: int  # K: the first deferred layer
+
+
+@dataclass
 class PrefillState:
     """Everything decoding continues from."""
 
@@ -61,6 +72,8 @@ class PrefillState:
     tokens_per_layer: torch.Tensor  # [B, L] valid prompt tokens each base layer processed
     twig_tokens: torch.Tensor | None  # [B] valid prompt tokens each twig layer processed
     visual_kept: torch.Tensor  # [B] visual tokens the layers after K see (all of them without pruning)
+    twig_last: torch.Tensor | None = None  # [B, D] the twig's output at each row's last prompt token
+    deferred: DeepInput | None = None  # defer_deep: layers [K, L) have not run (last_hidden is layer K's)
 
     @property
     def shallow(self) -> list[CacheGroup]:
@@ -81,8 +94,10 @@ def prefill(
     capacity: int,
     twig: nn.Module | None = None,
     pruning: InLLMPruning | None = None,
+    defer_deep: bool = False,
 ) -> PrefillState:
-    """Run the prompt batch through ``plan``'s layer groups; each cache may then grow by ``capacity``."""
+    """Run the prompt batch through ``plan``'s layer groups; each cache may then grow by ``capacity``.
+    ``defer_deep``: stop after the twig's layer K (and pruning there); ``deferred`` holds layer K's output."""
     lm = text_model(model)
     n_layers = len(lm.layers)
     if plan.n_layers != n_layers:
@@ -94,7 +109,7 @@ def prefill(
     visual, prunable = batch.visual & valid, batch.prunable & valid
     tokens_per_layer = valid.sum(dim=1, keepdim=True).repeat(1, n_layers)
     groups: list[CacheGroup] = []
-    twig_cache, twig_tokens, shallow = None, None, 0
+    twig_cache, twig_tokens, shallow, twig_last, deferred = None, None, 0, None, None
     visual_kept = visual.sum(dim=1)
     next_position = next_positions(positions, valid)  # before pruning: HF continues after the unpruned prompt
     start = 0
@@ -112,7 +127,10 @@ def prefill(
             twig_group = new_group(lm, list(twig.layer_ids), batch_size, valid.shape[1] + capacity, batch.embeds)
             twig_cache = KVCache([twig_group])
             context.twig, context.twig_inputs, context.twig_group = twig, {}, twig_group
-            run_layers(lm, hidden, positions, valid, twig_cache, twig_group, context.twig_inputs, twig.modules_by_id)
+            twig_out = run_layers(
+                lm, hidden, positions, valid, twig_cache, twig_group, context.twig_inputs, twig.modules_by_id
+            )
+            twig_last = twig_out[:, -1]
             twig_tokens = valid.sum(dim=1)
         if end == plan.prune_layer and end < n_layers and pruning is not None:
             kept = keep_top(pruning.scores(context), prunable, pruning.keep) & valid
@@ -125,6 +143,9 @@ def prefill(
                 valid & ~visual, hidden, positions, visual, prunable, deepstack
             )
         start = end
+        if defer_deep and end == plan.twig_layer:
+            deferred = DeepInput(hidden, positions, valid, visual, end)
+            break
     return PrefillState(
         base=KVCache(groups),
         twig=twig_cache,
@@ -134,6 +155,8 @@ def prefill(
         tokens_per_layer=tokens_per_layer,
         twig_tokens=twig_tokens,
         visual_kept=visual_kept,
+        twig_last=twig_last,
+        deferred=deferred,
     )
 
 

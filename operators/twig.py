@@ -8,6 +8,11 @@ the base weights, and saving/loading (safetensors only). TTP's budget arithmetic
 
 Layer ids: twig layer t caches its keys/values under id ``n_base_layers + t``, so one
 ``operators.kv_cache.KVCache`` can hold base and twig layers without confusing them.
+
+Draft vocabulary (FR-Spec, EAGLE-3): a twig may score only N frequent tokens (``draft_vocab``, full
+ids sorted by frequency) with a head sliced to those rows (``restrict_vocab``). Its logits are then
+[..., N]; ``full_ids`` maps a draft index back to a base token id. The base still verifies over
+its whole vocabulary, so this changes what is drafted, never what is output.
 """
 
 from __future__ import annotations
@@ -38,16 +43,41 @@ class Twig(nn.Module):
     its attention's ``layer_idx`` is ``n_base_layers + t`` (``layer_ids``).
     """
 
+    draft_vocab: torch.Tensor | None  # [N] full token ids the head scores, most frequent first; None: all
+
     def __init__(self, K: int, layers: list[nn.Module], norm: nn.Module, head: nn.Linear, n_base_layers: int):
         super().__init__()
         self.K = K
         self.T = len(layers)
         self.n_base_layers = n_base_layers
+        self.vocab_size = head.out_features  # the base's vocabulary, whatever the head is restricted to
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.head = head
+        # A buffer, so it is saved with the weights and follows .to(device); None is not saved.
+        self.register_buffer("draft_vocab", None)
         for t, layer in enumerate(self.layers):
             layer.self_attn.layer_idx = n_base_layers + t
+
+    def full_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Base token ids of head outputs ``index`` (any shape): identity without a draft vocabulary."""
+        return index if self.draft_vocab is None else self.draft_vocab[index]
+
+    def full_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """A distribution over the head's outputs [B, N] as one over the base vocabulary [B, V]
+        (zero outside the draft vocabulary): what speculative sampling's q must be."""
+        if self.draft_vocab is None:
+            return probs
+        full = probs.new_zeros(probs.shape[0], self.vocab_size)
+        return full.index_copy_(1, self.draft_vocab, probs)
+
+    def draft_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Head output index of base token ids (any shape); -1 where a token is outside the draft vocabulary."""
+        if self.draft_vocab is None:
+            return ids
+        lookup = torch.full((self.vocab_size,), -1, dtype=torch.long, device=ids.device)
+        lookup[self.draft_vocab] = torch.arange(len(self.draft_vocab), device=ids.device)
+        return lookup[ids]
 
     @property
     def layer_ids(self) -> list[int]:
@@ -97,6 +127,32 @@ class Twig(nn.Module):
         if select is not None:
             normed = normed[select]  # [N, D]
         return self.head(normed).float()
+
+
+def restrict_vocab(twig: Twig, draft_vocab: torch.Tensor) -> Twig:
+    """Restrict ``twig``'s head to the rows of ``draft_vocab`` (full ids [N], no repeats), in place.
+
+    Slices the current head (the full one, or an already restricted one when every id is in it), so a
+    trained twig keeps what it learnt for those tokens. The head's cost drops from V to N rows.
+    """
+    ids = draft_vocab.to(dtype=torch.long, device=twig.head.weight.device).reshape(-1)
+    if len(ids) == 0 or len(torch.unique(ids)) != len(ids) or int(ids.min()) < 0 or int(ids.max()) >= twig.vocab_size:
+        raise ValueError(f"a draft vocabulary is a non-empty set of distinct ids below {twig.vocab_size}")
+    rows = twig.draft_index(ids)
+    if bool((rows < 0).any()):
+        raise ValueError("the twig's head is already restricted and lacks some of these ids")
+    old = twig.head
+    head = nn.Linear(
+        old.in_features, len(ids), bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+    )
+    with torch.no_grad():
+        head.weight.copy_(old.weight[rows])
+        if old.bias is not None:
+            head.bias.copy_(old.bias[rows])
+    head.requires_grad_(old.weight.requires_grad)
+    twig.head = head
+    twig.draft_vocab = ids.clone()
+    return twig
 
 
 def causal_mask(valid: torch.Tensor) -> torch.Tensor | None:
@@ -212,6 +268,7 @@ def twig_config(twig: Twig, model: nn.Module, trained: dict | None = None) -> di
         "base_layers": len(lm.layers),
         "hidden_size": lm.config.hidden_size,
         "vocab_size": model.lm_head.out_features,
+        "draft_vocab": None if twig.draft_vocab is None else len(twig.draft_vocab),
         "dtype": str(next(twig.parameters()).dtype).removeprefix("torch."),
         "trained": trained or {},
     }
@@ -329,5 +386,7 @@ def load_twig(
     if not weights.exists():
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
     state = load_file(str(weights))
+    if config.get("draft_vocab"):  # the saved ids overwrite these placeholders
+        restrict_vocab(twig, torch.arange(int(config["draft_vocab"])))
     twig.load_state_dict(state, strict=True)  # copies into the base's dtype and device
     return twig.eval()

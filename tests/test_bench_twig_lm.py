@@ -5,7 +5,15 @@ import math
 
 import torch
 
-from evaluation.bench_twig_lm import TextProcessor, compare, engine_inputs, greedy_decode, greedy_replies, prompt_batch
+from evaluation.bench_twig_lm import (
+    TextProcessor,
+    compare,
+    engine_inputs,
+    greedy_decode,
+    greedy_replies,
+    prompt_batch,
+    restrict_to_replies,
+)
 from operators.twig import grow_twig
 from tests.tiny_models import tiny_llama
 from training.train_twig import IGNORE, Conversation, TwigTrainConfig, encode, train_twig
@@ -55,3 +63,17 @@ def test_chat_text_is_labelled_on_the_reply_and_the_twig_trains():
     )
     assert math.isfinite(result["final_loss"]) and result["answer_tokens"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, twig.parameters(), strict=True))
+
+
+def test_a_draft_vocabulary_from_the_base_replies_keeps_ssd_identical():
+    """--draft-vocab: the head keeps the replies' most frequent tokens (EOS too); SSD is still greedy."""
+    model, tokenizer = tiny_llama(seed=2, num_hidden_layers=6)
+    processor = TextProcessor(tokenizer)
+    replies = greedy_replies(model, tokenizer, PROMPTS, max_new_tokens=8, batch=4)
+    conversations = [Conversation(f"c{n}", [(p, r)]) for n, (p, r) in enumerate(zip(PROMPTS, replies, strict=True))]
+    twig = grow_twig(model, K=2, T=4)  # the rest of the base: drafts fail only off the vocabulary
+    report = restrict_to_replies(twig, processor, conversations, 6)
+    assert report["size"] == 6 == twig.head.out_features and 0 < report["coverage"] <= 1
+    assert tokenizer.eos_token_id in twig.draft_vocab.tolist()
+    rows = compare(model, twig, tokenizer, PROMPTS, [1, 3], max_new_tokens=12, label="small vocab")
+    assert all(r["identical"] for r in rows)

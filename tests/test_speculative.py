@@ -113,6 +113,52 @@ def test_ssd_equals_greedy_over_the_whole_grid(tiny, family, batch):
     check_ssd_equals_greedy(tiny, family, batch, [(b, d) for b in BUDGETS for d in DRAFTS])
 
 
+def test_ssd_without_folding_the_prefill_still_equals_greedy(tiny, monkeypatch):
+    """The unfolded path (the base's prefill gives the first token, then drafting) over the whole
+    budget grid at batch 4: kept for FastV deeper than the twig's K, and as the baseline."""
+    monkeypatch.setattr(SelfSpeculative, "fold_prefill", False)
+    check_ssd_equals_greedy(tiny, "llava", 4, [(b, DRAFTS[i % len(DRAFTS)]) for i, b in enumerate(BUDGETS)])
+
+
+def counting_deep_passes(model, run, *args, **kwargs):
+    """(``run(*args, **kwargs)``, how many times the base's last layer ran: once per prefill or verification)."""
+    calls = []
+    handle = text_model(model).layers[-1].register_forward_hook(lambda *hook_args: calls.append(1))
+    try:
+        result = run(*args, **kwargs)
+    finally:
+        handle.remove()
+    return result, len(calls)
+
+
+@pytest.mark.parametrize("keep, finalwipe", [(None, None), (4, -1)])
+def test_folding_the_prefill_into_the_first_verification_saves_one_deep_pass_per_request(
+    tiny, monkeypatch, keep, finalwipe
+):
+    """Each request alone: the folded SSD runs the base's deep layers once less than the unfolded one
+    (the twig drafts from its prompt logits; the first verification is also the prefill's deep part),
+    every deep pass is a verification round, and the output is greedy's, with TTP + FinalWipe too."""
+    model, processor = tiny("llava")
+    n_layers = len(text_model(model).layers)
+    twig = grow_twig(model, K=1, T=n_layers - 1)  # always accepts: rounds are deterministic
+    wipe = None if finalwipe is None else n_layers + finalwipe
+    for seed in (10, 11, 12):
+        inputs = batch_inputs(model, processor, [seed])
+        budget = None if keep is None else keep * torch.tensor(inputs[1].segments)
+        ar = reference(model, twig, inputs, budget, wipe, max_new=14)
+        passes, rounds = {}, {}
+        for fold in (False, True):
+            monkeypatch.setattr(SelfSpeculative, "fold_prefill", fold)
+            ssd, passes[fold] = counting_deep_passes(
+                model, speculative, model, twig, inputs, budget, wipe, max_new=14, threshold=0.0
+            )
+            assert_same(ar, ssd)
+            rounds[fold] = int(ssd.stats.rounds.max())
+        assert passes[True] == rounds[True] and passes[False] == rounds[False] + 1
+        if keep is None:  # the twig is the base: both take 3 rounds (1 + 6 + 6 + 1 tokens, and 6 + 6 + 2)
+            assert rounds == {False: 3, True: 3} and passes == {False: 4, True: 3}, (seed, passes)
+
+
 def test_unpruned_reference_equals_the_engine(tiny):
     """The SSD reference (ttp_generate without pruning) is the engine's plain greedy output."""
     model, processor = tiny("llava")

@@ -489,7 +489,8 @@ def train_twig(
         batch = collate([encode(processor, c) for c in next(stream)], pad_id)
         with autocast:
             logits, targets, base_logits = twig_logits(model, twig, cfg.K, batch, device, with_base=cfg.distill > 0)
-            ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+            targets, base_logits = _to_draft_vocab(getattr(twig, "module", twig), targets, base_logits)
+            ce_sum = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
             loss_sum = ce_sum
             if cfg.distill > 0:
                 log_p_twig, log_p_base = F.log_softmax(logits.float(), -1), F.log_softmax(base_logits.float(), -1)
@@ -533,6 +534,19 @@ def train_twig(
     }
 
 
+def _to_draft_vocab(
+    twig: Twig, targets: torch.Tensor, base_logits: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Targets [N] and base logits [N, V] in the twig's head coordinates. With a draft vocabulary,
+    a target outside it is ignored (the twig cannot draft it) and the base's distribution is taken
+    over the vocabulary's tokens (renormalised by the log-softmax): what the twig can match."""
+    if twig.draft_vocab is None:
+        return targets, base_logits
+    index = twig.draft_index(targets)
+    index = index.masked_fill(index < 0, IGNORE)
+    return index, None if base_logits is None else base_logits[:, twig.draft_vocab]
+
+
 def _autocast(model: nn.Module, device: torch.device):
     """bf16/fp16 autocast on CUDA when the base runs in half precision (the twig keeps fp32 weights)."""
     dtype = next(model.parameters()).dtype
@@ -563,7 +577,7 @@ def agreement(
         chunk = encoded[start : start + batch_size]
         batch = collate(chunk, pad_id)
         twig_logit, target, base_logit = twig_logits(model, twig, K, batch, device, with_base=True)
-        twig_pred, base_pred = twig_logit.argmax(-1), base_logit.argmax(-1)
+        twig_pred, base_pred = twig.full_ids(twig_logit.argmax(-1)), base_logit.argmax(-1)
         select = batch["labels"][:, 1:].to(device) != IGNORE
         row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(select)[select]
         for row, e in enumerate(chunk):
@@ -703,9 +717,17 @@ def run_job(
     )
     train, heldout, data = load_conversations(options)
     heldout = heldout[: options["eval_max"]]
-    train = train[rank::world]
     twig = grow_twig(model, K, T).float()
     report: dict = {}
+    if options.get("draft_vocab"):
+        # Before sharding and before training: every worker trains the same restricted head.
+        from operators.twig import restrict_vocab
+        from training.draft_vocab import draft_vocab_from_replies
+
+        vocab, report["draft_vocab"] = draft_vocab_from_replies(model, processor, train, options["draft_vocab"])
+        restrict_vocab(twig, vocab)
+        log(f"draft vocabulary: {len(vocab)} tokens, {report['draft_vocab']['coverage']:.4f} of the base's outputs")
+    train = train[rank::world]
     if rank == 0:
         log(f"base: {n_base} layers; twig K={K} T={T}; {len(train)} training conversations on rank 0 of {world}")
         evaluated = [encode(processor, c) for c in heldout]
@@ -741,6 +763,8 @@ def run_job(
         "held_out_agreement": report["held_out"]["all"]["twig_base_agreement"],
         "data": data,
     }
+    if "draft_vocab" in report:
+        trained["draft_vocab_coverage"] = report["draft_vocab"]["coverage"]
     save_twig(twig.to(base_dtype), options["out"], model, trained=trained)
     return report
 

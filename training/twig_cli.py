@@ -68,6 +68,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ev.add_argument("--eval-max", type=int, default=2000, help="at most this many held-out conversations")
     ev.add_argument("--eval-generated", type=int, default=32, help="held-out captions the base generates for agreement")
     ev.add_argument("--max-new-tokens", type=int, default=160, help="limit of those greedy captions")
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        help="restrict the twig's head to the N tokens the base outputs most often on the training data "
+        "(FR-Spec / EAGLE-3 draft vocabulary; EOS always kept); 0: the full vocabulary",
+    )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=300)
     opt.add_argument("--batch-size", type=int, default=16, help="conversations per step and worker")
@@ -97,6 +104,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.corpus and args.llava_json:
         parser.error("give one of --corpus and --llava-json")
+    if args.draft_vocab < 0:
+        parser.error("--draft-vocab must be >= 0")
     if args.ray_workers < 0:
         parser.error("--ray-workers must be >= 0")
     return args

@@ -25,7 +25,7 @@ class Generation:
     tokens: torch.Tensor  # [B, T] generated ids; after a row's EOS, the pad id
     lengths: torch.Tensor  # [B] generated tokens per row, EOS included
     prefill_state: PrefillState
-    prefill_s: float
+    prefill_s: float  # up to the first generated token(s): SSD folds its first verification into it
     decode_s: float
     stats: DraftStats | None = None  # speculative decoders only
 

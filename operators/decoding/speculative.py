@@ -8,6 +8,11 @@ plus the base's next token (sampling: the min(1, p/q) rule with residual resampl
 drafts become holes in every cache (per-row validity) and trailing holes are trimmed, so rows never
 wait on each other's bookkeeping, and the output is the base's own: token for token greedy, or
 distributed as the base's samples.
+
+As in TwigVLM (its Algorithm 1) the prefill stops after layer K and the twig: the first drafts come
+from the twig's logits at the last prompt token, and one pass of the deep layers over [prompt, drafts]
+finishes the prompt and verifies them (``finish_prefill``), one base pass fewer per request. The
+twig's head may score a reduced draft vocabulary (``operators.twig.restrict_vocab``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from operators.batch import PromptBatch
 from operators.decoding.base import Decoder, DraftStats, Generation, sync
 from operators.decoding.sampling import Sampler
 from operators.kv_cache import CacheGroup, KVCache
-from operators.language_model import run_layers, text_model
+from operators.language_model import compact_rows, new_group, run_layers, text_model
 from operators.prefill import InLLMPruning, LayerPlan, PrefillState, prefill
 
 
@@ -48,12 +53,18 @@ def rejection_sample(
     target = p[rows, accepted]  # [B, V]
     rejected = accepted < n
     if width > 1:
-        residual = (target - q[rows, accepted.clamp(max=width - 2)]).clamp_min(0.0)
-        mass = residual.sum(dim=1, keepdim=True)
-        # A zero residual happens only when p == q there, where rejection has probability 0.
-        residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)
-        target = torch.where(rejected[:, None], residual, target)
+        fallback = residual(target, q[rows, accepted.clamp(max=width - 2)])
+        target = torch.where(rejected[:, None], fallback, target)
     return accepted, sampler.categorical(target)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalise(max(0, p - q)) [B, V]: what a rejected draft is replaced by. Where q is zero (tokens
+    outside a draft vocabulary) it is p's own mass: those tokens come only from here."""
+    out = (p - q).clamp_min(0.0)
+    mass = out.sum(dim=1, keepdim=True)
+    # A zero residual happens only when p == q there, where rejection has probability 0.
+    return torch.where(mass > 0, out / mass.clamp_min(1e-30), p)
 
 
 class _Output:
@@ -80,14 +91,18 @@ class _Draft:
 
     tokens: torch.Tensor  # [B, max_draft] drafts (pad beyond n)
     n: torch.Tensor  # [B] drafts per row
-    hidden: torch.Tensor  # [B, W, D] layer-K states of inputs pending, d_1, ..., d_{W-1}
+    hidden: torch.Tensor  # [B, W, D] layer-K states of inputs pending, d_1, ..., d_{W-1} (folded round: no pending)
     valid: torch.Tensor  # [B, W] which of those inputs each row fed
-    probs: list[torch.Tensor]  # sampling: the twig's distribution [B, V] at each draft step
+    probs: list[torch.Tensor]  # sampling: the twig's distribution [B, V] at each draft step (greedy: none)
 
 
 class SelfSpeculative(Decoder):
     name = "ssd"
     uses_twig = True
+    # Fold the base's prefill into the first verification (TwigVLM's Algorithm 1): the first drafts
+    # come from the twig's prompt logits and one pass of the deep layers both finishes the prompt and
+    # verifies them, one base pass fewer per request. Off: the base's prefill gives the first token.
+    fold_prefill = True
 
     @torch.no_grad()
     def generate(
@@ -107,29 +122,41 @@ class SelfSpeculative(Decoder):
         t0 = time.perf_counter()
         # Worst case a round writes max_draft + 1 slots and keeps one: size the caches for it.
         capacity = (self.max_new_tokens + 1) * (self.config.max_draft + 1)
-        state = prefill(model, batch, plan, capacity, twig, pruning)
-        sync(device)
-        t1 = time.perf_counter()
+        fold = self.fold_prefill and can_fold(plan, pruning)
+        state = prefill(model, batch, plan, capacity, twig, pruning, defer_deep=fold)
         out = _Output(size, self.max_new_tokens, self.eos_token_ids, self.pad_token_id, device)
         stats = DraftStats(*(torch.zeros(size, dtype=torch.long, device=device) for _ in range(3)))
-        pending = sampler.pick(model.lm_head(state.last_hidden).float())  # [B] the base's own first token
-        for row in range(size):
-            out.emit(row, int(pending[row]))
-        position = state.next_position.clone()  # [B] position of `pending`
+        if fold:  # the last prompt token plays `pending`: it is in the shallow caches, d_1 is drafted from it
+            pending, position = None, state.next_position - 1
+            first_logits = twig.head(twig.norm(state.twig_last)).float()  # [B, N]
+        else:
+            sync(device)
+            t1 = time.perf_counter()
+            pending = sampler.pick(model.lm_head(state.last_hidden).float())  # [B] the base's own first token
+            for row in range(size):
+                out.emit(row, int(pending[row]))
+            position, first_logits = state.next_position.clone(), None  # [B] position of `pending`
         groups: list[CacheGroup] = [*state.base.groups, *state.twig.groups]
         steps = torch.arange(self.config.max_draft + 1, device=device)
 
         while not bool(out.done.all()):
             active = ~out.done
-            starts = {id(g): g.length for g in groups}
-            draft = self._draft(lm, twig, state, pending, position, active, out, sampler)
-            width = draft.hidden.shape[1]
-            block_pos = position[:, None] + steps[None, :width]
-            verify = self._verify(model, lm, state, draft.hidden, block_pos, draft.valid)  # [B, W, V]
+            draft = self._draft(lm, twig, state, pending, position, active, out, sampler, first_logits)
+            width = draft.hidden.shape[1] + (first_logits is not None)  # the folded round has no pending input
+            block_pos = position[:, None] + steps[None, :width]  # [B, W]: pending, d_1, ..., d_{W-1}
+            if state.deferred is not None:  # the prompt's deep layers and the first verification, one pass
+                verify = finish_prefill(model, lm, state, plan, capacity, draft.hidden, block_pos[:, 1:], draft.valid)
+                groups = [*state.base.groups, *state.twig.groups]
+                sync(device)
+                t1 = time.perf_counter()  # prefill_s: up to the first tokens (time to first token)
+            else:
+                verify = self._verify(model, lm, state, draft.hidden, block_pos, draft.valid)  # [B, W, V]
             accepted, bonus = self._accept(draft, verify, steps, sampler)
-            rejected = draft.valid & (steps[None, :width] > accepted[:, None])  # inputs after the accepted drafts
+            # Every group's last W-1 slots are d_1..d_{W-1}; those after a row's accepted drafts go.
+            drafts_valid = draft.valid[:, draft.valid.shape[1] - (width - 1) :]
+            rejected = drafts_valid & (steps[None, 1:width] > accepted[:, None])
             for group in groups:
-                group.drop(rejected, starts[id(group)])
+                group.drop(rejected, group.length - (width - 1))
                 group.trim()
             for row in active.nonzero().flatten().tolist():
                 for j in range(int(accepted[row])):
@@ -138,50 +165,65 @@ class SelfSpeculative(Decoder):
             stats.drafted += torch.where(active, draft.n, 0)
             stats.accepted += torch.where(active, accepted, 0)
             stats.rounds += active.long()
-            pending = bonus
+            pending, first_logits = bonus, None
             position = position + accepted + 1
         sync(device)
         width = int(out.lengths.max())
         return Generation(out.tokens[:, :width], out.lengths, state, t1 - t0, time.perf_counter() - t1, stats)
 
-    def _draft(self, lm, twig, state: PrefillState, pending, position, active, out: _Output, sampler) -> _Draft:
+    def _draft(
+        self, lm, twig, state: PrefillState, pending, position, active, out: _Output, sampler, first_logits=None
+    ) -> _Draft:
         """Inputs pending, d_1, ..., d_n through the shallow layers and the twig; the last input runs
-        only so the base can verify d_n and the twig's cache holds every accepted token."""
-        max_draft, size, device = self.config.max_draft, pending.shape[0], pending.device
+        only so the base can verify d_n and the twig's cache holds every accepted token. With
+        ``first_logits`` [B, N] (the twig's at the last prompt token, which is already cached) there
+        is no pending input: d_1 is drawn from them and the inputs are d_1, ..., d_n."""
+        max_draft, size, device = self.config.max_draft, position.shape[0], position.device
         eos = torch.tensor(self.eos_token_ids, device=device)
         cap = (self.max_new_tokens - out.lengths - 1).clamp(min=0, max=max_draft)  # drafts that can still be emitted
         tokens = torch.full((size, max_draft), self.pad_token_id, dtype=torch.long, device=device)
         n = torch.zeros(size, dtype=torch.long, device=device)
         drafting = active & (cap > 0)
-        token, hidden_steps, valid_steps, draft_probs = pending, [], [], []
+        token = pending if pending is not None else torch.full_like(n, self.pad_token_id)
+        hidden_steps, valid_steps, draft_probs = [], [], []
         for j in range(max_draft + 1):
             running = active & (n >= j)  # row b feeds input j while j <= n_b
             if j > 0 and not bool(running.any()):
                 break
-            step_valid = running[:, None]
-            step_pos = (position + j)[:, None]
-            embeds = lm.embed_tokens(token)[:, None]  # [B, 1, D]
-            hidden_k = _run_groups(lm, embeds, step_pos, step_valid, state.base, state.shallow)
-            twig_group = state.twig.groups[0]
-            hidden = run_layers(lm, hidden_k, step_pos, step_valid, state.twig, twig_group, None, twig.modules_by_id)
-            logits = twig.head(twig.norm(hidden)).float()[:, -1]  # [B, V]
-            hidden_steps.append(hidden_k)
-            valid_steps.append(step_valid)
-            if j == max_draft:
-                break
+            if j == 0 and first_logits is not None:
+                logits = first_logits
+            else:
+                step_valid = running[:, None]
+                step_pos = (position + j)[:, None]
+                embeds = lm.embed_tokens(token)[:, None]  # [B, 1, D]
+                hidden_k = _run_groups(lm, embeds, step_pos, step_valid, state.base, state.shallow)
+                twig_group = state.twig.groups[0]
+                hidden = run_layers(
+                    lm, hidden_k, step_pos, step_valid, state.twig, twig_group, None, twig.modules_by_id
+                )
+                hidden_steps.append(hidden_k)
+                valid_steps.append(step_valid)
+                if j == max_draft:
+                    break  # this input only feeds the caches and the verification: no head
+                # The head scores the twig's draft vocabulary (N <= V ids): index [B] -> base id via full_ids.
+                logits = twig.head(twig.norm(hidden[:, -1])).float()  # [B, N]
             make = drafting & running & (n < cap)
             if sampler.greedy:
                 probs = logits.softmax(dim=-1)
-                candidate = probs.argmax(dim=-1)
+                index = probs.argmax(dim=-1)
             else:
                 probs = sampler.probs(logits)
-                candidate = sampler.categorical(probs, rows=make)
-            draft_probs.append(probs)
+                index = sampler.categorical(probs, rows=make)
+                draft_probs.append(twig.full_probs(probs))  # q over the base vocabulary: zero outside N
+            candidate = twig.full_ids(index)
             tokens[:, j] = torch.where(make, candidate, tokens[:, j])
             n += make.long()
-            low = probs.gather(1, candidate[:, None])[:, 0] < self.config.draft_threshold
+            low = probs.gather(1, index[:, None])[:, 0] < self.config.draft_threshold
             drafting &= make & ~low & ~torch.isin(candidate, eos)
             token = torch.where(make, candidate, token)
+        if not hidden_steps:  # folded round without a draft: the verification is the prompt's alone
+            empty = state.twig_last.new_zeros(size, 0, state.twig_last.shape[-1])
+            return _Draft(tokens, n, empty, active[:, None][:, :0], draft_probs)
         return _Draft(tokens, n, torch.cat(hidden_steps, dim=1), torch.cat(valid_steps, dim=1), draft_probs)
 
     @staticmethod
@@ -203,6 +245,45 @@ class SelfSpeculative(Decoder):
         matches = (draft.tokens[:, : width - 1] == target[:, : width - 1]) & drafted
         accepted = matches.long().cumprod(dim=1).sum(dim=1) if width > 1 else torch.zeros_like(draft.n)
         return accepted, target.gather(1, accepted[:, None])[:, 0]
+
+
+def can_fold(plan: LayerPlan, pruning: InLLMPruning | None) -> bool:
+    """Whether the deep layers can wait for the first drafts: not when pruning happens after the
+    twig's layer (FastV at a deeper K scores there with the prefill's own bookkeeping)."""
+    return pruning is None or plan.prune_layer is None or plan.prune_layer <= plan.twig_layer
+
+
+def finish_prefill(
+    model, lm, state: PrefillState, plan: LayerPlan, capacity: int, draft_hidden, draft_pos, draft_valid
+) -> torch.Tensor:
+    """The deferred prefill's layers [K, L) over [prompt, d_1..d_n]: one pass finishes the prompt and
+    verifies the drafts. draft_hidden [B, n, D] layer-K states, draft_pos / draft_valid [B, n].
+
+    Returns the base's logits [B, n + 1, V] after the last prompt token and after each draft, as
+    ``_verify``. Builds the deep cache groups (appended to ``state.base``) and counts the prompt's
+    tokens per deep layer. Drafts are text: FinalWipe keeps them, so they stay every row's last n slots.
+    """
+    deep, n_layers, n = state.deferred, len(lm.layers), draft_hidden.shape[1]
+    hidden = torch.cat([deep.hidden, draft_hidden.to(deep.hidden.dtype)], dim=1)  # [B, S + n, D]
+    positions = torch.cat([deep.positions, draft_pos], dim=1)
+    valid = torch.cat([deep.valid, draft_valid], dim=1)
+    is_draft = torch.cat([torch.zeros_like(deep.valid), torch.ones_like(draft_valid)], dim=1)
+    visual = torch.cat([deep.visual, torch.zeros_like(draft_valid)], dim=1)
+    groups, start = list(state.base.groups), deep.start
+    for end in [*(b for b in plan.breakpoints() if b > start), n_layers]:
+        group = new_group(lm, range(start, end), valid.shape[0], valid.shape[1] + capacity, hidden)
+        groups.append(group)
+        hidden = run_layers(lm, hidden, positions, valid, KVCache(groups), group)
+        state.tokens_per_layer[:, start:end] = (valid & ~is_draft).sum(dim=1, keepdim=True)
+        if end == plan.wipe_layer and end < n_layers:  # FinalWipe: text only (drafts kept, valid or not)
+            keep = (valid & ~visual) | is_draft
+            kept, hidden, positions, valid, visual, is_draft = compact_rows(
+                keep, hidden, positions, valid, visual, is_draft
+            )
+            valid, visual, is_draft = valid & kept, visual & kept, is_draft & kept
+        start = end
+    state.base, state.deferred = KVCache(groups), None
+    return model.lm_head(lm.norm(hidden[:, hidden.shape[1] - n - 1 :])).float()
 
 
 def _run_groups(lm, hidden, positions, block_valid, cache: KVCache, groups: list[CacheGroup]) -> torch.Tensor:
