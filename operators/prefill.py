@@ -54,10 +54,11 @@ class DeepInput:
     """Layer K's output when the deep layers are deferred (SSD folds them into its first verification)."""
 
     hidden: torch.Tensor  # [B, S, D] after layer K (and after pruning there)
-    positions: torch.Tensor  # [B, S]
+    positions: torch.Tensor  # [B, S] (or [B, S, 3], multimodal RoPE)
     valid: torch.Tensor  # [B, S]
     visual: torch.Tensor  # [B, S]
     start: int  # K: the first deferred layer
+    deepstack: torch.Tensor | None = None  # [B, S, levels, D] Qwen3-VL: levels after layer K still to add
 
 
 @dataclass
@@ -118,7 +119,7 @@ def prefill(
         groups.append(group)
         inputs: dict[int, torch.Tensor] = {}
         record = inputs if end == plan.prune_layer else None  # only the scores at K need layer inputs
-        additions = _deepstack_additions(deepstack, group.layers)
+        additions = deepstack_additions(deepstack, group.layers)
         hidden = run_layers(lm, hidden, positions, valid, KVCache(groups), group, record, additions=additions)
         tokens_per_layer[:, start:end] = valid.sum(dim=1, keepdim=True)
         context = ScoreContext(lm, positions, inputs, group)
@@ -144,7 +145,7 @@ def prefill(
             )
         start = end
         if defer_deep and end == plan.twig_layer:
-            deferred = DeepInput(hidden, positions, valid, visual, end)
+            deferred = DeepInput(hidden, positions, valid, visual, end, deepstack)
             break
     return PrefillState(
         base=KVCache(groups),
@@ -168,7 +169,7 @@ def _compact(keep: torch.Tensor, hidden, positions, visual, prunable, deepstack=
     return valid, hidden, positions, visual & valid, prunable & valid, (rest[0] if rest else None)
 
 
-def _deepstack_additions(deepstack: torch.Tensor | None, layers) -> dict[int, torch.Tensor] | None:
+def deepstack_additions(deepstack: torch.Tensor | None, layers) -> dict[int, torch.Tensor] | None:
     """Layer id -> the DeepStack level added after it ([B, S, D]), for the group's layers that have one."""
     if deepstack is None:
         return None

@@ -287,6 +287,18 @@ def test_ssd_equals_greedy(qwen, method, budget):
     assert sum(r.accepted for r in ssd) > 0  # the twig's drafts were used, not only the base's bonus
 
 
+def test_ssd_equals_greedy_when_deepstack_levels_reach_past_the_twig(qwen3):
+    """Qwen3-VL adds DeepStack levels after LM layers 0 and 1; with the twig on layer 1, SSD's folded
+    prefill runs layer 1 in its first verification and must still add level 1 there."""
+    model, processor = qwen3
+    twig = grow_twig(model, K=1, T=1)
+    requests = requests_mixed(processor, 3)
+    greedy = Engine(model, processor, EngineConfig("vispruner", budget=4, max_new_tokens=8)).generate(requests)
+    config = EngineConfig("vispruner", budget=4, max_new_tokens=8, decode_strategy="ssd", draft_threshold=0.0)
+    ssd = Engine(model, processor, config, twig=twig).generate(requests)
+    assert [r.token_ids for r in ssd] == [r.token_ids for r in greedy]
+
+
 # --- (e) the CLS-free VisPruner score ------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from operators.decoding.base import Decoder, DraftStats, Generation, sync
 from operators.decoding.sampling import Sampler
 from operators.kv_cache import CacheGroup, KVCache
 from operators.language_model import compact_rows, new_group, run_layers, text_model
-from operators.prefill import InLLMPruning, LayerPlan, PrefillState, prefill
+from operators.prefill import InLLMPruning, LayerPlan, PrefillState, deepstack_additions, prefill
 
 
 def rejection_sample(
@@ -257,7 +257,8 @@ def finish_prefill(
     model, lm, state: PrefillState, plan: LayerPlan, capacity: int, draft_hidden, draft_pos, draft_valid
 ) -> torch.Tensor:
     """The deferred prefill's layers [K, L) over [prompt, d_1..d_n]: one pass finishes the prompt and
-    verifies the drafts. draft_hidden [B, n, D] layer-K states, draft_pos / draft_valid [B, n].
+    verifies the drafts. draft_hidden [B, n, D] layer-K states, draft_pos / draft_valid [B, n] (the prompt's
+    positions may be [B, S, 3], multimodal RoPE).
 
     Returns the base's logits [B, n + 1, V] after the last prompt token and after each draft, as
     ``_verify``. Builds the deep cache groups (appended to ``state.base``) and counts the prompt's
@@ -265,7 +266,12 @@ def finish_prefill(
     """
     deep, n_layers, n = state.deferred, len(lm.layers), draft_hidden.shape[1]
     hidden = torch.cat([deep.hidden, draft_hidden.to(deep.hidden.dtype)], dim=1)  # [B, S + n, D]
+    if deep.positions.dim() == 3:  # M-RoPE prompt [B, S, 3]: drafts are text, the same on every axis
+        draft_pos = draft_pos[..., None].expand(-1, -1, deep.positions.shape[-1])
     positions = torch.cat([deep.positions, draft_pos], dim=1)
+    deepstack = deep.deepstack  # Qwen3-VL levels after layer K: added to the prompt's visual tokens only
+    if deepstack is not None:
+        deepstack = torch.cat([deepstack, deepstack.new_zeros(deepstack.shape[0], n, *deepstack.shape[2:])], dim=1)
     valid = torch.cat([deep.valid, draft_valid], dim=1)
     is_draft = torch.cat([torch.zeros_like(deep.valid), torch.ones_like(draft_valid)], dim=1)
     visual = torch.cat([deep.visual, torch.zeros_like(draft_valid)], dim=1)
@@ -273,13 +279,16 @@ def finish_prefill(
     for end in [*(b for b in plan.breakpoints() if b > start), n_layers]:
         group = new_group(lm, range(start, end), valid.shape[0], valid.shape[1] + capacity, hidden)
         groups.append(group)
-        hidden = run_layers(lm, hidden, positions, valid, KVCache(groups), group)
+        additions = deepstack_additions(deepstack, group.layers)
+        hidden = run_layers(lm, hidden, positions, valid, KVCache(groups), group, additions=additions)
         state.tokens_per_layer[:, start:end] = (valid & ~is_draft).sum(dim=1, keepdim=True)
         if end == plan.wipe_layer and end < n_layers:  # FinalWipe: text only (drafts kept, valid or not)
             keep = (valid & ~visual) | is_draft
-            kept, hidden, positions, valid, visual, is_draft = compact_rows(
-                keep, hidden, positions, valid, visual, is_draft
+            extra = () if deepstack is None else (deepstack,)
+            kept, hidden, positions, valid, visual, is_draft, *rest = compact_rows(
+                keep, hidden, positions, valid, visual, is_draft, *extra
             )
+            deepstack = rest[0] if rest else None
             valid, visual, is_draft = valid & kept, visual & kept, is_draft & kept
         start = end
     state.base, state.deferred = KVCache(groups), None
