@@ -158,6 +158,10 @@ def tiny_checkpoints(tmp_path_factory):
         out[seed] = (directory, model)
     model = out[0][1]
     save_twig(grow_twig(model, K=1, T=1), root / "twig0", model)
+    qwen, qwen_processor = BUILDERS["qwen2_5_vl"](seed=0)  # a family beyond LLaVA, served from the hub too
+    qwen.save_pretrained(root / "qwen", safe_serialization=True)
+    qwen_processor.save_pretrained(root / "qwen")
+    out["qwen"] = (root / "qwen", qwen)
     return out, root / "twig0"
 
 
@@ -178,6 +182,7 @@ def fake_hub(tiny_checkpoints):
     hub.add("org/tiny", read_folder(models[1][0]), ref="v1")
     pickled = {k: v for k, v in main_files.items() if not k.endswith(".safetensors")}
     hub.add("org/pickled", {**pickled, "pytorch_model.bin": b"pickle"})
+    hub.add("org/tiny-qwen-vl", read_folder(models["qwen"][0]))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(hub))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -264,6 +269,21 @@ def test_load_vlm_downloads_a_revision_without_pickles(hub_env, tiny_models, tmp
     assert not any(path.endswith(".bin") for _, path in hub_env.log)
     assert not list(repo.rglob("*.bin"))
     assert processor is not None
+
+
+def test_a_qwen_vl_repo_from_the_hub_checks_loads_and_generates(hub_env, tiny_models, tmp_path, monkeypatch):
+    from operators.engine import Engine, EngineConfig, Request, format_prompt
+    from tests.conftest import random_image
+
+    monkeypatch.setenv("VLM_MODEL_CACHE", str(tmp_path / "cache"))
+    info = check_model(config_for("org/tiny-qwen-vl"))
+    assert (info.model_type, info.family) == ("qwen2_5_vl", "Qwen2.5-VL (M-RoPE)")
+    model, processor = load_vlm(checkpoint_directory("org/tiny-qwen-vl"))
+    original = tiny_models["qwen"][1]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.state_dict().items())
+    request = Request(format_prompt(processor, "red ?"), images=[random_image(2, 40, 56)])
+    result = Engine(model, processor, EngineConfig("vispruner", budget=3, max_new_tokens=3)).generate([request])[0]
+    assert result.visual_tokens_kept == 3 and result.visual_tokens_total > 3
 
 
 def test_pickle_only_repo_is_refused(hub_env):
