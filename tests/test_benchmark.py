@@ -30,6 +30,7 @@ def test_tree_rss_counts_this_process():
     assert tree_rss(os.getpid(), exclude=(os.getpid(),)) == 0
 
 
+@pytest.mark.slow  # ~45 s: every setup through the real job (make test-all)
 def test_benchmark_runs_every_setup_and_checks_ssd_text(ray_local, tmp_path):
     out = tmp_path / "bench"
     report = benchmark.run_benchmark(

@@ -126,6 +126,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow  # ~80 s, three runs of the job on a tmpfs (make test-all); ENOSPC/EROFS unit tests in test_faults.py
 def test_output_disk_read_only_then_full_then_fixed(small_disk, tmp_path):
     """The output disk goes read-only, then full, as a run starts its work: each run stops with status
     6 and one line naming the disk; after the fix the same command completes the output. (Parts

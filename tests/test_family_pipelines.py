@@ -73,7 +73,7 @@ def hf_qwen_caption(directory, image: Image.Image) -> tuple[str, int]:
     return processor.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), merged
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)])
 def test_a_qwen_checkpoint_through_the_caption_job(family, ray_local, corpus, tmp_path):
     directory = save_tiny(family, tmp_path / family)
     unpruned = caption(directory, corpus, tmp_path / "none", "pruning.method=none", "pruning.budget=null")

@@ -108,6 +108,7 @@ def upload_dir(local: Path, uri: str, options: dict) -> None:
             )
 
 
+@pytest.mark.slow  # ~30 s; the README walkthrough test submits a job too (make test-all)
 def test_ray_job_submit_s3_round_trip(ray_head, s3_server, tmp_path):
     url, env = ray_head
     options = s3_server.options()

@@ -375,6 +375,7 @@ def test_training_job_reads_a_corpus(tmp_path, small_demo_model):
     assert report["config"]["T"] == 1 and len(report["train"]["losses"]) == 2
 
 
+@pytest.mark.slow  # ~30 s of Ray Train start-up (make test-all)
 @pytest.mark.timeout(300)
 def test_ray_train_path_with_two_cpu_workers(tmp_path, small_demo_model):
     """TorchTrainer with two CPU workers (gloo DDP on the twig) on a fresh local cluster: about 25 s."""
