@@ -56,18 +56,18 @@ def cls_attention_row(attn: nn.Module, normed: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=-1)[:, :, 0, 1:]  # drop CLS->CLS, no renormalisation (as the authors)
 
 
-@torch.no_grad()
-def encode_with_cls_attention(
-    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2
-) -> VisionOutput:
-    """Run the tower once and return the selected layer's hidden states and [CLS] attention."""
+def run_with_layer_hooks(
+    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, score
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the tower once with hooks on the layer producing ``hidden_states[feature_layer]``.
+    Returns (that layer's output, ``score(its attention module, the attention's normalised input)``)."""
     layers = encoder_layers(vision_tower)
     layer = layers[resolve_layer(len(layers), feature_layer)]
     captured: dict[str, torch.Tensor] = {}
 
     def grab_attention_input(module, args, kwargs):
         normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        captured["cls_attention"] = cls_attention_row(module, normed)
+        captured["score"] = score(module, normed)
 
     def grab_layer_output(module, args, output):
         captured["features"] = output[0] if isinstance(output, tuple) else output
@@ -81,7 +81,16 @@ def encode_with_cls_attention(
     finally:
         for handle in handles:
             handle.remove()
-    return VisionOutput(features=captured["features"], cls_attention=captured["cls_attention"])
+    return captured["features"], captured["score"]
+
+
+@torch.no_grad()
+def encode_with_cls_attention(
+    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2
+) -> VisionOutput:
+    """Run the tower once and return the selected layer's hidden states and [CLS] attention."""
+    features, cls_attention = run_with_layer_hooks(vision_tower, pixel_values, feature_layer, cls_attention_row)
+    return VisionOutput(features=features, cls_attention=cls_attention)
 
 
 # --- towers without [CLS] (SigLIP): the attention each patch receives -----------------------------
@@ -130,24 +139,7 @@ def encode_with_received_attention(
     Captured with hooks on that one layer (only q and k are recomputed, queries in chunks), so the
     tower keeps running on SDPA and no [B, H, N, N] map is kept.
     """
-    layers = encoder_layers(vision_tower)
-    layer = layers[resolve_layer(len(layers), feature_layer)]
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab_attention_input(module, args, kwargs):
-        normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        captured["received"] = received_attention(module, normed, query_chunk)
-
-    def grab_layer_output(module, args, output):
-        captured["features"] = output[0] if isinstance(output, tuple) else output
-
-    handles = [
-        layer.self_attn.register_forward_pre_hook(grab_attention_input, with_kwargs=True),
-        layer.register_forward_hook(grab_layer_output),
-    ]
-    try:
-        vision_tower(pixel_values=pixel_values.to(vision_tower.dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return ReceivedAttentionOutput(features=captured["features"], received_attention=captured["received"])
+    features, received = run_with_layer_hooks(
+        vision_tower, pixel_values, feature_layer, lambda attn, normed: received_attention(attn, normed, query_chunk)
+    )
+    return ReceivedAttentionOutput(features=features, received_attention=received)
