@@ -137,29 +137,18 @@ def build_model(name: str, width_scale: float = 0.125, seed: int = 0):
 
 
 def _qwen2_5_vl(geometry: Geometry, sizes: dict, seed: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from operators.families.qwen2_5_vl import QwenProcessor
-    from training.builders import QWEN_SPECIAL, copy_generation_ids, qwen_image_processor, qwen_tokenizer, random_init
+    from training.builders import qwen_image_processor, qwen_tokenizer, random_qwen_vl
 
-    tokenizer = qwen_tokenizer(extra_words=max(200, sizes["vocab"] - 130))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     text = dict(
-        vocab_size=len(tokenizer),
         hidden_size=sizes["text_width"],
         intermediate_size=sizes["text_mlp"],
         num_hidden_layers=geometry.text_layers,
         num_attention_heads=sizes["text_heads"],
         num_key_value_heads=sizes["text_kv_heads"],
         max_position_embeddings=32768,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 1000000.0,
-            "mrope_section": geometry.extra["mrope_section"],
-        },
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": geometry.extra["mrope_section"]},
     )
     vision = dict(
         depth=geometry.vision_layers,
@@ -172,21 +161,11 @@ def _qwen2_5_vl(geometry: Geometry, sizes: dict, seed: int):
         tokens_per_second=2,
         window_size=geometry.extra["window_size"],
         fullatt_block_indexes=geometry.extra["fullatt_block_indexes"],
-        out_hidden_size=sizes["text_width"],
     )
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    model = random_init(Qwen2_5_VLForConditionalGeneration(config), seed)
-    copy_generation_ids(model, tokenizer)
-    # Every image resized to exactly tokens_per_image merged tokens (min = max pixels).
+    tokenizer = qwen_tokenizer(extra_words=max(200, sizes["vocab"] - 130))
+    # Every square image resized to exactly tokens_per_image merged tokens (min = max pixels).
     image_processor = qwen_image_processor(geometry.patch_size, geometry.tokens_per_image, geometry.tokens_per_image)
-    return model, QwenProcessor(tokenizer, image_processor)
+    return random_qwen_vl(Qwen2_5_VLForConditionalGeneration, tokenizer, text, vision, image_processor, seed)
 
 
 def _llava(geometry: Geometry, sizes: dict, seed: int):

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-)
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
-from operators.families.qwen2_5_vl import QwenProcessor
-from training.builders import QWEN_SPECIAL, copy_generation_ids, qwen_image_processor, qwen_tokenizer, random_init
+from training.builders import qwen_image_processor, qwen_tokenizer, random_qwen_vl
 
 
 def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 4, window_size: int = 16, **text_overrides):
     """Qwen2_5_VLForConditionalGeneration: 4 tower blocks (full attention in 1 and 3, 2x2-merge-unit
     windows elsewhere), a 4-layer GQA LM with M-RoPE (mrope_section 2+3+3 of head_dim/2 = 8)."""
-    tokenizer = qwen_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     text = dict(
-        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -27,9 +18,6 @@ def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 4, window_size: int = 16, *
         num_key_value_heads=2,
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     text.update(text_overrides)
     vision = dict(
@@ -42,30 +30,17 @@ def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 4, window_size: int = 16, *
         temporal_patch_size=2,
         tokens_per_second=2,
         window_size=window_size,
-        out_hidden_size=text["hidden_size"],
         fullatt_block_indexes=[1, 3],
     )
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    model = random_init(Qwen2_5_VLForConditionalGeneration(config), seed)
-    copy_generation_ids(model, tokenizer)
-    return model, QwenProcessor(tokenizer, qwen_image_processor(patch_size))
+    processor = qwen_image_processor(patch_size)
+    return random_qwen_vl(Qwen2_5_VLForConditionalGeneration, qwen_tokenizer(), text, vision, processor, seed)
 
 
 def tiny_qwen3_vl(seed: int = 0, patch_size: int = 4, **text_overrides):
     """Qwen3VLForConditionalGeneration: 4 tower blocks with DeepStack taps after blocks 1 and 2 (added
     after LM layers 0 and 1), learned position grid 8x8, a 4-layer GQA LM with q/k norms and
     interleaved M-RoPE."""
-    tokenizer = qwen_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
     text = dict(
-        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -74,9 +49,6 @@ def tiny_qwen3_vl(seed: int = 0, patch_size: int = 4, **text_overrides):
         head_dim=16,
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     text.update(text_overrides)
     vision = dict(
@@ -87,18 +59,8 @@ def tiny_qwen3_vl(seed: int = 0, patch_size: int = 4, **text_overrides):
         patch_size=patch_size,
         spatial_merge_size=2,
         temporal_patch_size=2,
-        out_hidden_size=text["hidden_size"],
         num_position_embeddings=64,
         deepstack_visual_indexes=[1, 2],
     )
-    config = Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    model = random_init(Qwen3VLForConditionalGeneration(config), seed)
-    copy_generation_ids(model, tokenizer)
-    return model, QwenProcessor(tokenizer, qwen_image_processor(patch_size))
+    processor = qwen_image_processor(patch_size)
+    return random_qwen_vl(Qwen3VLForConditionalGeneration, qwen_tokenizer(), text, vision, processor, seed)

@@ -163,3 +163,26 @@ def qwen_image_processor(patch_size: int, min_tokens: int = 4, max_tokens: int =
         temporal_patch_size=2,
         size={"shortest_edge": min_tokens * factor * factor, "longest_edge": max_tokens * factor * factor},
     )
+
+
+def random_qwen_vl(model_class, tokenizer, text: dict, vision: dict, image_processor, seed: int = 0):
+    """A Qwen-VL model (``model_class``: ``Qwen2_5_VLForConditionalGeneration`` or
+    ``Qwen3VLForConditionalGeneration``) with ``random_init`` weights, the tokenizer's ids for its
+    special tokens and vocabulary, and its torchvision-free processor. ``text`` / ``vision``: the
+    sizes of its text and vision configs."""
+    from operators.families.qwen2_5_vl import QwenProcessor
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text = {"vocab_size": len(tokenizer), **special, "pad_token_id": tokenizer.pad_token_id, **text}
+    config = model_class.config_class(
+        text_config=text,
+        vision_config={"out_hidden_size": text["hidden_size"], **vision},
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = random_init(model_class(config), seed)
+    copy_generation_ids(model, tokenizer)
+    return model, QwenProcessor(tokenizer, image_processor)
