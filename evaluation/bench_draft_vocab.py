@@ -70,11 +70,12 @@ def measure(model, twigs: dict[int, Twig], batch: int, context: int, repeats: in
     """Median ms of a base step and of a draft step per head size, at one batch size."""
     lm = text_model(model)
     K = next(iter(twigs.values())).K
-    ids = torch.randint(0, SMOLLM2["vocab_size"], (batch, context))
+    vocab = lm.embed_tokens.num_embeddings
+    ids = torch.randint(0, vocab, (batch, context))
     prompt = text_batch(lm.embed_tokens, ids, torch.ones_like(ids))
     plan = LayerPlan(len(lm.layers), twig_layer=K)
     state = prefill(model, prompt, plan, 8, next(iter(twigs.values())))  # the twigs share K: one cache fits all
-    token = torch.randint(0, SMOLLM2["vocab_size"], (batch,))
+    token = torch.randint(0, vocab, (batch,))
     position = state.next_position[:, None]
     valid = torch.ones(batch, 1, dtype=torch.bool)
 

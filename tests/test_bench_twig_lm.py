@@ -1,21 +1,30 @@
 """jobs/bench_twig_lm.py on a tiny text-only Llama: the engine's greedy decoding and SSD work on a
 *ForCausalLM, SSD's output equals greedy's, and train_twig's labelling and loop run on chat text."""
 
+import json
 import math
+import re
+from collections import Counter
 
+import pytest
 import torch
 
 from evaluation.bench_twig_lm import (
+    DEFAULT_PROMPTS,
     TextProcessor,
     compare,
     engine_inputs,
     greedy_decode,
     greedy_replies,
+    half_twig,
+    main,
     prompt_batch,
     restrict_to_replies,
 )
-from operators.twig import grow_twig
+from operators.twig import grow_twig, load_twig, restrict_vocab, save_twig
 from tests.tiny_models import tiny_llama
+from training import instructions
+from training.instructions import read_prompts
 from training.train_twig import IGNORE, Conversation, TwigTrainConfig, encode, train_twig
 
 PROMPTS = ["what shape is the red circle ?", "describe the picture .", "where is the blue square ?", "is there a cat ?"]
@@ -77,3 +86,98 @@ def test_a_draft_vocabulary_from_the_base_replies_keeps_ssd_identical():
     assert tokenizer.eos_token_id in twig.draft_vocab.tolist()
     rows = compare(model, twig, tokenizer, PROMPTS, [1, 3], max_new_tokens=12, label="small vocab")
     assert all(r["identical"] for r in rows)
+
+
+def _normalised(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+def test_training_instructions_are_varied_unique_deterministic_and_miss_the_held_out_file():
+    records = instructions.build(3000, seed=0)
+    texts = [r["text"] for r in records]
+    assert len(set(texts)) == len(texts) == 3000
+    sources = Counter(r["source"] for r in records)
+    assert set(sources) == {"chatterbot", "humaneval", "request", "edit", "arithmetic"}
+    assert sources["humaneval"] == 164 and sources["chatterbot"] > 500  # every package prompt is used
+    assert len({t.split()[0] for t in texts}) > 100  # not a handful of templates
+    assert instructions.build(3000, seed=0) == records
+    held = read_prompts(DEFAULT_PROMPTS)
+    assert len(held) >= 60
+    assert not {_normalised(t) for t in texts} & {_normalised(h) for h in held}
+
+
+def test_read_prompts_skips_comments_and_blank_lines(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# a comment\n\nfirst line\n  second\\nline  \n")
+    assert read_prompts(path) == ["first line", "second\nline"]
+
+
+def _saved_base(tmp_path, seed: int = 2):
+    model, tokenizer = tiny_llama(seed=seed, num_hidden_layers=6)
+    cache = tmp_path / "base"
+    model.save_pretrained(cache)
+    tokenizer.save_pretrained(cache)
+    return model, tokenizer, cache
+
+
+def _prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# held out\n" + "\n".join(PROMPTS) + "\n")
+    return path
+
+
+def test_eval_only_prints_one_json_line_per_batch_with_the_issue_fields(tmp_path, capsys):
+    model, tokenizer, cache = _saved_base(tmp_path)
+    twig = grow_twig(model, K=2, T=1)
+    with torch.no_grad():  # a twig that agrees with the base only sometimes
+        for p in twig.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    restrict_vocab(twig, torch.arange(len(tokenizer) - 8))
+    save_twig(half_twig(twig), tmp_path / "twig", model)
+    argv = ["--eval-only", "--cache", str(cache), "--twig", str(tmp_path / "twig"), "--prompts"]
+    argv += [str(_prompts_file(tmp_path)), "--batch", "1", "3", "--max-new-tokens", "10", "--json"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["identical"] == 1.0 and row["prompts"] == len(PROMPTS)
+        assert 0.0 <= row["acceptance"] <= 1.0 and row["tokens_per_round"] >= 1.0
+        assert row["speedup"] > 0 and row["draft_cost"] > 0 and row["draft_vocab"] == len(tokenizer) - 8
+        assert row["speedup"] == pytest.approx(row["ssd_tokens_per_s"] / row["greedy_tokens_per_s"], rel=0.01)
+
+
+def test_eval_only_sampled_reports_speed_and_acceptance(tmp_path, capsys):
+    model, tokenizer, cache = _saved_base(tmp_path, seed=4)
+    save_twig(half_twig(grow_twig(model, K=2, T=2)), tmp_path / "twig", model)
+    argv = ["--eval-only", "--cache", str(cache), "--twig", str(tmp_path / "twig"), "--prompts"]
+    argv += [str(_prompts_file(tmp_path)), "--batch", "2", "--max-new-tokens", "8", "--temperature", "0.7", "--json"]
+    assert main(argv) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["temperature"] == 0.7 and row["sampling_tokens_per_s"] > 0 and 0.0 <= row["acceptance"] <= 1.0
+
+
+def test_eval_only_without_a_twig_is_one_line_and_exit_2(tmp_path, capsys):
+    _, _, cache = _saved_base(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--eval-only", "--cache", str(cache), "--twig", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2
+    assert "holds no twig" in capsys.readouterr().err
+
+
+def test_training_mode_distils_saves_a_bf16_twig_with_its_report_and_evaluates_it(tmp_path):
+    model, tokenizer, cache = _saved_base(tmp_path, seed=5)
+    out = tmp_path / "run"
+    argv = ["--cache", str(cache), "--out", str(out), "--prompts", str(_prompts_file(tmp_path))]
+    argv += ["--instructions", "12", "--reply-tokens", "6", "--data-batch", "6", "--steps", "2", "--batch-size", "4"]
+    argv += ["--K", "2", "--T", "1", "--draft-vocab", "16", "--batch", "2", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert len(replies) == 12 and all({"text", "source", "reply"} <= set(r) for r in replies)
+    config = json.loads((out / "twig" / "twig.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["draft_vocab"] == 16 and config["K"] == 2
+    report = json.loads((out / "twig" / "training_report.json").read_text())
+    assert report["training"]["steps"] == 2 and report["instructions"] == 12 and report["agreement"]["trained"] >= 0
+    twig = load_twig(out / "twig", model)
+    assert next(twig.parameters()).dtype == torch.float32 and twig.head.out_features == 16
+    result = json.loads((out / "twig_lm.json").read_text())["results"]
+    assert [r["batch"] for r in result] == [2] and result[0]["identical"] == 1.0

@@ -548,10 +548,13 @@ def _to_draft_vocab(
 
 
 def _autocast(model: nn.Module, device: torch.device):
-    """bf16/fp16 autocast on CUDA when the base runs in half precision (the twig keeps fp32 weights)."""
+    """Half-precision autocast when the base runs in half precision (the twig keeps fp32 weights):
+    bf16/fp16 on CUDA; bf16 on CPUs too, where bf16 matmuls are about twice as fast (avx512_bf16)."""
     dtype = next(model.parameters()).dtype
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return torch.autocast("cpu", dtype=dtype)
     return torch.autocast(device.type, enabled=False)
 
 
