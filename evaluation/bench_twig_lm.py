@@ -136,17 +136,27 @@ def greedy_replies(
 
 
 @torch.no_grad()
-def write_replies(model, tokenizer, prompts: list[dict], reply_tokens: int, batch: int, path: Path) -> list[dict]:
+def write_replies(
+    model, tokenizer, prompts: list[dict], reply_tokens: int, batch: int, path: Path, generate: bool = True
+) -> list[dict]:
     """The base's greedy replies to ``prompts`` ({"text", "source"}), appended to the JSONL ``path``
-    as they come (a rerun resumes where it stopped). Prompts run longest first in batches of
-    ``batch`` (similar lengths, little padding). -> every {"text", "source", "reply"} in ``path``."""
+    as they come (a rerun resumes where it stopped), in batches of
+    ``batch``. -> the {"text", "source", "reply"} of every prompt that has one in ``path``, in the
+    prompts' order (``generate=False``: only those already there; nothing runs)."""
     done = {}
     if path.exists():
         for line in path.read_text().splitlines():
             record = json.loads(line)
             done[record["text"]] = record
-    todo = [p for p in prompts if p["text"] not in done]
-    todo.sort(key=lambda p: -len(tokenizer(p["text"])["input_ids"]))
+    todo = [p for p in prompts if p["text"] not in done] if generate else []
+    # Sorted by length within windows of 8 batches (little padding), the windows in the prompts'
+    # (shuffled) order: a run stopped early holds a fair sample of every source.
+    window = 8 * batch
+    todo = [
+        p
+        for start in range(0, len(todo), window)
+        for p in sorted(todo[start : start + window], key=lambda p: -len(tokenizer(p["text"])["input_ids"]))
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     started, made = time.perf_counter(), 0
     with path.open("a") as f:
@@ -161,7 +171,7 @@ def write_replies(model, tokenizer, prompts: list[dict], reply_tokens: int, batc
             f.flush()
             elapsed = time.perf_counter() - started
             log(f"  replies {start + len(chunk)}/{len(todo)}: {made / elapsed:.0f} reply tokens/s, {elapsed:.0f}s")
-    return [done[p["text"]] for p in prompts]
+    return [done[p["text"]] for p in prompts if p["text"] in done]
 
 
 def _decode(
@@ -238,11 +248,13 @@ def side_by_side(
     }
 
 
-def compare(model, twig, tokenizer, prompts, batches, max_new_tokens, label, temperature: float = 0.0) -> list[dict]:
-    """``side_by_side`` at each batch size; the rows without the token lists."""
+def compare(
+    model, twig, tokenizer, prompts, batches, max_new_tokens, label, temperature: float = 0.0, **draft
+) -> list[dict]:
+    """``side_by_side`` at each batch size (``draft``: max_draft, threshold); rows without the token lists."""
     rows = []
     for batch in batches:
-        row = side_by_side(model, twig, tokenizer, prompts, batch, max_new_tokens, temperature)
+        row = side_by_side(model, twig, tokenizer, prompts, batch, max_new_tokens, temperature, **draft)
         row.pop("tokens")
         row = {"twig": label, **row}
         log(
@@ -326,13 +338,16 @@ def evaluate(args, parser) -> int:
     side_by_side(model, twig, tokenizer, prompts[:2], 2, 8, args.temperature)  # warm-up
     status = 0
     for batch in args.batches:
-        row = side_by_side(model, twig, tokenizer, prompts, batch, args.max_new_tokens, args.temperature)
+        row = side_by_side(
+            model, twig, tokenizer, prompts, batch, args.max_new_tokens, args.temperature, **draft_settings(args)
+        )
         row.pop("tokens")
         row.update(draft_cost(model, twig, batch))
         row.update(
             twig=str(args.twig),
             prompts_file=str(args.prompts),
             max_new_tokens=args.max_new_tokens,
+            **draft_settings(args),
             draft_vocab=None if twig.draft_vocab is None else len(twig.draft_vocab),
             K=twig.K,
             T=twig.T,
@@ -374,9 +389,17 @@ def train(args, parser) -> int:
     data_path = args.data or args.out / "replies.jsonl"
     log(f"the base's greedy replies to {len(records)} instructions ({args.teacher_dtype}) -> {data_path}")
     t0 = time.perf_counter()
-    records = write_replies(half, tokenizer, records, args.reply_tokens, args.data_batch, data_path)
+    records = write_replies(
+        half, tokenizer, records, args.reply_tokens, args.data_batch, data_path, generate=not args.data_only
+    )
+    log(f"{len(records)} replies")
     data_s = time.perf_counter() - t0
-    train_set = conversations_of(records)
+    # The last --validation instructions stay out of training: a file to tune the draft settings on
+    # (--eval-only --prompts OUT/validation_prompts.txt) without looking at the held-out file.
+    validation = records[len(records) - args.validation :] if args.validation else []
+    train_set = conversations_of(records[: len(records) - len(validation)])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "validation_prompts.txt").write_text("".join(r["text"].replace("\n", "\\n") + "\n" for r in validation))
     held_prompts = read_prompts(args.prompts)
     held_replies = greedy_replies(model, tokenizer, held_prompts, args.max_new_tokens, batch=16)
     held = [
@@ -423,6 +446,7 @@ def train(args, parser) -> int:
         "torch": torch.__version__,
         "teacher_dtype": args.teacher_dtype,
         "instructions": len(train_set),
+        "validation_instructions": len(validation),
         "sources": sources,
         "reply_tokens": args.reply_tokens,
         "data_seconds": round(data_s, 1),
@@ -436,13 +460,19 @@ def train(args, parser) -> int:
     (Path(save_dir) / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"twig saved in {save_dir}")
     loaded = load_twig(save_dir, model)  # what --eval-only uses: the bf16 weights back in fp32
-    report["results"] = compare(model, loaded, tokenizer, held_prompts, args.batches, args.max_new_tokens, "trained")
+    report["results"] = compare(
+        model, loaded, tokenizer, held_prompts, args.batches, args.max_new_tokens, "trained", **draft_settings(args)
+    )
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "twig_lm.json").write_text(json.dumps(report, indent=2))
     (args.out / "twig_lm.md").write_text(markdown(report))
     print(markdown(report))
     return 0 if all(r["identical"] == 1.0 for r in report["results"]) else 1
+
+
+def draft_settings(args) -> dict:
+    return {"max_draft": args.max_draft, "threshold": args.draft_threshold}
 
 
 def half_twig(twig):
@@ -458,6 +488,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", dest="batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled SSD against sampling")
+    parser.add_argument("--max-draft", type=int, default=EngineConfig.max_draft, help="SSD: drafts per round at most")
+    parser.add_argument(
+        "--draft-threshold",
+        type=float,
+        default=EngineConfig.draft_threshold,
+        help="SSD: stop drafting at a draft whose probability is below this",
+    )
     parser.add_argument("--limit", type=int, default=0, help="--eval-only: only the first N prompts")
     parser.add_argument("--json", action="store_true", help="--eval-only: one JSON line per batch size")
     parser.add_argument("--out", type=Path, default=Path("reports/twig-smollm2"))
@@ -473,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=None, help="JSONL of the base's replies (resumed; default OUT/replies.jsonl)"
     )
     parser.add_argument("--data-batch", type=int, default=32)
+    parser.add_argument(
+        "--data-only", action="store_true", help="train on the replies already in --data; generate none"
+    )
+    parser.add_argument("--validation", type=int, default=64, help="instructions kept out of training, for tuning")
     parser.add_argument("--teacher-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--reply-tokens", type=int, default=96, help="greedy reply length used for training")
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: --epochs over the data)")
