@@ -62,7 +62,7 @@ def should_compact(finished: int, working: int) -> bool:
     When at least a quarter of it finished (and some rows still run). Gathering every cache group
     copies each remaining row's whole KV buffer once, about what one step reads; waiting for a
     quarter bounds the rows computed for nothing to 25% of the batch while a batch of B rows
-    compacts at most log(B) / log(4/3) times (8 rows: at most 7, usually 2-3)."""
+    compacts at most about log(B) / log(4/3) times."""
     return 0 < finished < working and 4 * finished >= working
 
 
