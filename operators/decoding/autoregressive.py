@@ -1,5 +1,6 @@
 """One base step per token: greedy (token for token what ``model.generate(do_sample=False)`` gives)
-at temperature 0, else sampling."""
+at temperature 0, else sampling. Rows that finish leave the working batch (``should_compact``); the
+state's caches then hold the rows still decoding when it stopped."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import torch
 from torch import nn
 
 from operators.batch import PromptBatch
-from operators.decoding.base import Decoder, Generation, sync
+from operators.decoding.base import Decoder, Generation, should_compact, sync
 from operators.decoding.sampling import Sampler
-from operators.language_model import decode_step, text_model
+from operators.language_model import base_logits, decode_step, text_model
 from operators.prefill import InLLMPruning, LayerPlan, prefill
 
 
@@ -40,18 +41,29 @@ class Autoregressive(Decoder):
 
         tokens = torch.full((size, max_new), self.pad_token_id, dtype=torch.long, device=device)
         lengths = torch.zeros(size, dtype=torch.long, device=device)
+        # The working batch: rows[i] is the original row of working row i. Finished rows leave it
+        # (``should_compact``); results are written to the original rows as they come.
+        rows = torch.arange(size, device=device)
         done = torch.zeros(size, dtype=torch.bool, device=device)
-        hidden, position = state.last_hidden, state.next_position
+        hidden, position, cache = state.last_hidden, state.next_position, state.base
         for step in range(max_new):
-            logits = model.lm_head(hidden).float()  # [B, V]
+            logits = base_logits(model, hidden)  # [B', V]
             next_token = sampler.pick(logits, rows=~done).masked_fill(done, self.pad_token_id)
-            tokens[:, step] = next_token
-            lengths += (~done).long()
+            tokens[rows, step] = next_token
+            lengths[rows] += (~done).long()
             done |= torch.isin(next_token, eos)
-            if bool(done.all()) or step == max_new - 1:
+            if step == max_new - 1:
                 break
-            embeds = lm.embed_tokens(next_token)[:, None]  # [B, 1, D]
-            hidden = decode_step(lm, embeds, position[:, None], state.base)
+            finished = int(done.sum())  # the one host sync per step
+            if finished == len(rows):
+                break
+            if self.drop_finished and should_compact(finished, len(rows)):
+                keep = (~done).nonzero().flatten()
+                cache.select_rows(keep)
+                rows, done, next_token, position = rows[keep], done[keep], next_token[keep], position[keep]
+                sampler = sampler.select_rows(keep)
+            embeds = lm.embed_tokens(next_token)[:, None]  # [B', 1, D]
+            hidden = decode_step(lm, embeds, position[:, None], cache)
             position = position + 1
         sync(device)
         t2 = time.perf_counter()

@@ -36,6 +36,7 @@ class Decoder:
 
     name = ""
     uses_twig = False  # the twig must run in the prefill (its cache is drafted from)
+    drop_finished = True  # row compaction (``should_compact``); off only to compare against it
 
     def __init__(self, config: EngineConfig, eos_token_ids: list[int], pad_token_id: int):
         self.config = config
@@ -53,6 +54,16 @@ class Decoder:
         sampler: Sampler | None = None,
     ) -> Generation:
         raise NotImplementedError
+
+
+def should_compact(finished: int, working: int) -> bool:
+    """Whether to drop the ``finished`` rows of a working batch of ``working`` rows now.
+
+    When at least a quarter of it finished (and some rows still run). Gathering every cache group
+    copies each remaining row's whole KV buffer once, about what one step reads; waiting for a
+    quarter bounds the rows computed for nothing to 25% of the batch while a batch of B rows
+    compacts at most about log(B) / log(4/3) times."""
+    return 0 < finished < working and 4 * finished >= working
 
 
 def sync(device: torch.device) -> None:

@@ -45,6 +45,14 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature <= 0
 
+    def select_rows(self, index: torch.Tensor) -> Sampler:
+        """The sampler of rows ``index`` [B'] of this batch (row compaction): per-row generators follow
+        their rows; a shared generator (or greedy) is shared as before."""
+        if not isinstance(self.generators, list):
+            return self
+        generators = [self.generators[i] for i in index.tolist()]
+        return Sampler(self.temperature, self.top_k, self.top_p, generators)
+
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The sampling distribution [..., V] (float32) of logits [..., V]."""
         logits = logits.float() / self.temperature

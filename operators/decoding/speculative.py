@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from operators.batch import PromptBatch
-from operators.decoding.base import Decoder, DraftStats, Generation, sync
+from operators.decoding.base import Decoder, DraftStats, Generation, should_compact, sync
 from operators.decoding.sampling import Sampler
 from operators.kv_cache import CacheGroup, KVCache
-from operators.language_model import compact_rows, new_group, run_layers, text_model
+from operators.language_model import base_logits, compact_rows, new_group, run_layers, text_model
 from operators.prefill import InLLMPruning, LayerPlan, PrefillState, deepstack_additions, prefill
 
 
@@ -68,21 +68,37 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 class _Output:
-    """Generated tokens per row with EOS and max_new_tokens handling."""
+    """Generated tokens of every original row with EOS and max_new_tokens handling, appended a block
+    per working row at a time with tensor ops: no per-row loop and no host sync."""
 
     def __init__(self, batch: int, max_new_tokens: int, eos: list[int], pad: int, device):
-        self.tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+        # One spare column: the slots of a block a row does not take are written there, then cut off.
+        self.buffer = torch.full((batch, max_new_tokens + 1), pad, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.max_new_tokens, self.eos = max_new_tokens, set(eos)
+        self.max_new_tokens = max_new_tokens
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device)
 
-    def emit(self, row: int, token: int) -> None:
-        if self.done[row]:
-            return
-        self.tokens[row, self.lengths[row]] = token
-        self.lengths[row] += 1
-        if token in self.eos or int(self.lengths[row]) >= self.max_new_tokens:
-            self.done[row] = True
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.buffer[:, : self.max_new_tokens]
+
+    def emit(self, rows: torch.Tensor, block: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append block[i, :counts[i]] to original row rows[i] (rows [B'], block [B', W], counts [B']),
+        up to and including a row's first EOS and up to max_new_tokens; a row already done takes none."""
+        width = block.shape[1]
+        steps = torch.arange(width, device=block.device)
+        lengths, done = self.lengths[rows], self.done[rows]
+        room = self.max_new_tokens - lengths
+        counts = torch.where(done, 0, torch.minimum(counts, room))
+        is_eos = torch.isin(block, self.eos) & (steps[None] < counts[:, None])
+        hit = is_eos.any(dim=1)
+        counts = torch.where(hit, is_eos.long().argmax(dim=1) + 1, counts)  # up to the first EOS, included
+        take = steps[None] < counts[:, None]
+        index = torch.where(take, lengths[:, None] + steps[None], self.max_new_tokens)
+        self.buffer[rows[:, None].expand_as(index), index] = block
+        self.lengths[rows] = lengths + counts
+        self.done[rows] = done | hit | (lengths + counts >= self.max_new_tokens)
 
 
 @dataclass
@@ -93,6 +109,7 @@ class _Draft:
     n: torch.Tensor  # [B] drafts per row
     hidden: torch.Tensor  # [B, W, D] layer-K states of inputs pending, d_1, ..., d_{W-1} (folded round: no pending)
     valid: torch.Tensor  # [B, W] which of those inputs each row fed
+    dense: bool  # every row fed every one of those inputs (known on the host: no mask needed for holes)
     probs: list[torch.Tensor]  # sampling: the twig's distribution [B, V] at each draft step (greedy: none)
 
 
@@ -126,22 +143,28 @@ class SelfSpeculative(Decoder):
         state = prefill(model, batch, plan, capacity, twig, pruning, defer_deep=fold)
         out = _Output(size, self.max_new_tokens, self.eos_token_ids, self.pad_token_id, device)
         stats = DraftStats(*(torch.zeros(size, dtype=torch.long, device=device) for _ in range(3)))
+        # The working batch: rows[i] is the original row of working row i. Finished rows leave it
+        # (``should_compact``); tokens and stats go to the original rows as they come.
+        rows = torch.arange(size, device=device)
+        finished = 0
         if fold:  # the last prompt token plays `pending`: it is in the shallow caches, d_1 is drafted from it
             pending, position = None, state.next_position - 1
             first_logits = twig.head(twig.norm(state.twig_last)).float()  # [B, N]
         else:
             sync(device)
             t1 = time.perf_counter()
-            pending = sampler.pick(model.lm_head(state.last_hidden).float())  # [B] the base's own first token
-            for row in range(size):
-                out.emit(row, int(pending[row]))
+            pending = sampler.pick(base_logits(model, state.last_hidden))  # [B] the base's own first token
+            out.emit(rows, pending[:, None], torch.ones_like(rows))
+            finished = int(out.done.sum())
             position, first_logits = state.next_position.clone(), None  # [B] position of `pending`
         groups: list[CacheGroup] = [*state.base.groups, *state.twig.groups]
         steps = torch.arange(self.config.max_draft + 1, device=device)
 
-        while not bool(out.done.all()):
-            active = ~out.done
-            draft = self._draft(lm, twig, state, pending, position, active, out, sampler, first_logits)
+        while finished < len(rows):
+            active = ~out.done[rows]
+            draft = self._draft(
+                lm, twig, state, pending, position, active, finished == 0, out.lengths[rows], sampler, first_logits
+            )
             width = draft.hidden.shape[1] + (first_logits is not None)  # the folded round has no pending input
             block_pos = position[:, None] + steps[None, :width]  # [B, W]: pending, d_1, ..., d_{W-1}
             if state.deferred is not None:  # the prompt's deep layers and the first verification, one pass
@@ -150,56 +173,85 @@ class SelfSpeculative(Decoder):
                 sync(device)
                 t1 = time.perf_counter()  # prefill_s: up to the first tokens (time to first token)
             else:
-                verify = self._verify(model, lm, state, draft.hidden, block_pos, draft.valid)  # [B, W, V]
+                verify = self._verify(model, lm, state, draft.hidden, block_pos, draft.valid, draft.dense)  # [B, W, V]
             accepted, bonus = self._accept(draft, verify, steps, sampler)
-            # Every group's last W-1 slots are d_1..d_{W-1}; those after a row's accepted drafts go.
+            accepted = torch.where(active, accepted, 0)
+            # Emit d_1..d_accepted and the bonus: the drafts with the bonus written after the accepted ones.
+            block = torch.cat([draft.tokens[:, : width - 1], bonus[:, None]], dim=1)
+            block.scatter_(1, accepted[:, None], bonus[:, None])
+            out.emit(rows, block, torch.where(active, accepted + 1, 0))
+            stats.drafted[rows] += torch.where(active, draft.n, 0)
+            stats.accepted[rows] += accepted
+            stats.rounds[rows] += active.long()
+            # The round's one host sync: rows finished, the most drafts any row kept, the fewest.
+            finished, held, fewest = torch.stack(
+                [out.done[rows].sum(), accepted.max(), torch.where(active, accepted, -1).min()]
+            ).tolist()
+            # Every group's last W-1 slots are d_1..d_{W-1}; those after a row's accepted drafts go, and
+            # the trailing ones no row holds are returned (what ``CacheGroup.trim`` finds, without a sync).
+            # No hole is left when every row ran and kept as many as the others.
             drafts_valid = draft.valid[:, draft.valid.shape[1] - (width - 1) :]
             rejected = drafts_valid & (steps[None, 1:width] > accepted[:, None])
             for group in groups:
-                group.drop(rejected, group.length - (width - 1))
-                group.trim()
-            for row in active.nonzero().flatten().tolist():
-                for j in range(int(accepted[row])):
-                    out.emit(row, int(draft.tokens[row, j]))
-                out.emit(row, int(bonus[row]))
-            stats.drafted += torch.where(active, draft.n, 0)
-            stats.accepted += torch.where(active, accepted, 0)
-            stats.rounds += active.long()
+                start = group.length - (width - 1)
+                group.drop(rejected, start, end=start + held, holes=fewest < held)
             pending, first_logits = bonus, None
             position = position + accepted + 1
+            if self.drop_finished and should_compact(finished, len(rows)):
+                keep = (~out.done[rows]).nonzero().flatten()
+                for group in groups:
+                    group.select_rows(keep)
+                rows, pending, position = rows[keep], pending[keep], position[keep]
+                sampler = sampler.select_rows(keep)
+                finished = 0
         sync(device)
-        width = int(out.lengths.max())
+        width = int(out.lengths.max()) if size else 0
         return Generation(out.tokens[:, :width], out.lengths, state, t1 - t0, time.perf_counter() - t1, stats)
 
     def _draft(
-        self, lm, twig, state: PrefillState, pending, position, active, out: _Output, sampler, first_logits=None
+        self, lm, twig, state: PrefillState, pending, position, active, all_active, lengths, sampler, first_logits=None
     ) -> _Draft:
         """Inputs pending, d_1, ..., d_n through the shallow layers and the twig; the last input runs
         only so the base can verify d_n and the twig's cache holds every accepted token. With
         ``first_logits`` [B, N] (the twig's at the last prompt token, which is already cached) there
-        is no pending input: d_1 is drawn from them and the inputs are d_1, ..., d_n."""
+        is no pending input: d_1 is drawn from them and the inputs are d_1, ..., d_n.
+
+        ``active`` [B] the rows still generating (``all_active``: every row, known on the host),
+        ``lengths`` [B] their tokens so far. One host sync per draft step: how many rows feed it
+        (whether to stop, and whether the step's block has holes)."""
         max_draft, size, device = self.config.max_draft, position.shape[0], position.device
         eos = torch.tensor(self.eos_token_ids, device=device)
-        cap = (self.max_new_tokens - out.lengths - 1).clamp(min=0, max=max_draft)  # drafts that can still be emitted
+        cap = (self.max_new_tokens - lengths - 1).clamp(min=0, max=max_draft)  # drafts that can still be emitted
         tokens = torch.full((size, max_draft), self.pad_token_id, dtype=torch.long, device=device)
         n = torch.zeros(size, dtype=torch.long, device=device)
         drafting = active & (cap > 0)
         token = pending if pending is not None else torch.full_like(n, self.pad_token_id)
-        hidden_steps, valid_steps, draft_probs = [], [], []
+        hidden_steps, valid_steps, draft_probs, dense = [], [], [], True
         for j in range(max_draft + 1):
             running = active & (n >= j)  # row b feeds input j while j <= n_b
-            if j > 0 and not bool(running.any()):
+            feeding = size if j == 0 and all_active else int(running.sum())
+            if feeding == 0:
                 break
             if j == 0 and first_logits is not None:
                 logits = first_logits
             else:
                 step_valid = running[:, None]
+                step_dense = feeding == size
+                dense &= step_dense
                 step_pos = (position + j)[:, None]
                 embeds = lm.embed_tokens(token)[:, None]  # [B, 1, D]
-                hidden_k = _run_groups(lm, embeds, step_pos, step_valid, state.base, state.shallow)
+                hidden_k = _run_groups(lm, embeds, step_pos, step_valid, state.base, state.shallow, step_dense)
                 twig_group = state.twig.groups[0]
                 hidden = run_layers(
-                    lm, hidden_k, step_pos, step_valid, state.twig, twig_group, None, twig.modules_by_id
+                    lm,
+                    hidden_k,
+                    step_pos,
+                    step_valid,
+                    state.twig,
+                    twig_group,
+                    None,
+                    twig.modules_by_id,
+                    block_dense=step_dense,
                 )
                 hidden_steps.append(hidden_k)
                 valid_steps.append(step_valid)
@@ -223,14 +275,14 @@ class SelfSpeculative(Decoder):
             token = torch.where(make, candidate, token)
         if not hidden_steps:  # folded round without a draft: the verification is the prompt's alone
             empty = state.twig_last.new_zeros(size, 0, state.twig_last.shape[-1])
-            return _Draft(tokens, n, empty, active[:, None][:, :0], draft_probs)
-        return _Draft(tokens, n, torch.cat(hidden_steps, dim=1), torch.cat(valid_steps, dim=1), draft_probs)
+            return _Draft(tokens, n, empty, active[:, None][:, :0], True, draft_probs)
+        return _Draft(tokens, n, torch.cat(hidden_steps, dim=1), torch.cat(valid_steps, dim=1), dense, draft_probs)
 
     @staticmethod
-    def _verify(model, lm, state: PrefillState, hidden_k, positions, block_valid) -> torch.Tensor:
+    def _verify(model, lm, state: PrefillState, hidden_k, positions, block_valid, dense=None) -> torch.Tensor:
         """The base's logits [B, W, V] (float32) from layer-K hidden states, through the deep groups."""
-        hidden = _run_groups(lm, hidden_k, positions, block_valid, state.base, state.deep)
-        return model.lm_head(lm.norm(hidden)).float()
+        hidden = _run_groups(lm, hidden_k, positions, block_valid, state.base, state.deep, dense)
+        return base_logits(model, lm.norm(hidden))
 
     @staticmethod
     def _accept(draft: _Draft, verify: torch.Tensor, steps: torch.Tensor, sampler: Sampler):
@@ -292,10 +344,12 @@ def finish_prefill(
             valid, visual, is_draft = valid & kept, visual & kept, is_draft & kept
         start = end
     state.base, state.deferred = KVCache(groups), None
-    return model.lm_head(lm.norm(hidden[:, hidden.shape[1] - n - 1 :])).float()
+    return base_logits(model, lm.norm(hidden[:, hidden.shape[1] - n - 1 :]))
 
 
-def _run_groups(lm, hidden, positions, block_valid, cache: KVCache, groups: list[CacheGroup]) -> torch.Tensor:
+def _run_groups(
+    lm, hidden, positions, block_valid, cache: KVCache, groups: list[CacheGroup], block_dense: bool | None = None
+) -> torch.Tensor:
     for group in groups:
-        hidden = run_layers(lm, hidden, positions, block_valid, cache, group)
+        hidden = run_layers(lm, hidden, positions, block_valid, cache, group, block_dense=block_dense)
     return hidden
