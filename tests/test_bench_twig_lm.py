@@ -168,15 +168,33 @@ def test_training_mode_distils_saves_a_bf16_twig_with_its_report_and_evaluates_i
     model, tokenizer, cache = _saved_base(tmp_path, seed=5)
     out = tmp_path / "run"
     argv = ["--cache", str(cache), "--out", str(out), "--prompts", str(_prompts_file(tmp_path))]
-    argv += ["--instructions", "12", "--reply-tokens", "6", "--data-batch", "6", "--steps", "2", "--batch-size", "4"]
+    argv += [
+        "--instructions",
+        "14",
+        "--validation",
+        "2",
+        "--reply-tokens",
+        "6",
+        "--data-batch",
+        "6",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+    ]
     argv += ["--K", "2", "--T", "1", "--draft-vocab", "16", "--batch", "2", "--max-new-tokens", "6"]
     assert main(argv) == 0
     replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
-    assert len(replies) == 12 and all({"text", "source", "reply"} <= set(r) for r in replies)
+    assert len(replies) == 14 and all({"text", "source", "reply"} <= set(r) for r in replies)
     config = json.loads((out / "twig" / "twig.json").read_text())
     assert config["dtype"] == "bfloat16" and config["draft_vocab"] == 16 and config["K"] == 2
     report = json.loads((out / "twig" / "training_report.json").read_text())
-    assert report["training"]["steps"] == 2 and report["instructions"] == 12 and report["agreement"]["trained"] >= 0
+    assert (
+        report["training"]["steps"] == 2
+        and report["instructions"] == 12
+        and len(read_prompts(out / "validation_prompts.txt")) == 2
+        and report["agreement"]["trained"] >= 0
+    )
     twig = load_twig(out / "twig", model)
     assert next(twig.parameters()).dtype == torch.float32 and twig.head.out_features == 16
     result = json.loads((out / "twig_lm.json").read_text())["results"]
