@@ -238,7 +238,8 @@ def side_by_side(
         "greedy_tokens_per_s" if temperature <= 0 else "sampling_tokens_per_s": round(rate[False], 2),
         "ssd_tokens_per_s": round(rate[True], 2),
         "speedup": round(rate[True] / rate[False], 3),
-        "identical": round(same / len(prompts), 4),
+        # Sampled outputs are distributed alike, not equal: no identity to report.
+        "identical": round(same / len(prompts), 4) if temperature <= 0 else None,
         "acceptance": round(accepted / max(1, drafted), 4),
         "accepted_per_round": round(accepted / max(1, rounds), 3),
         "tokens_per_round": round(generated[True] / max(1, rounds), 3),

@@ -153,7 +153,12 @@ def test_eval_only_sampled_reports_speed_and_acceptance(tmp_path, capsys):
     argv += [str(_prompts_file(tmp_path)), "--batch", "2", "--max-new-tokens", "8", "--temperature", "0.7", "--json"]
     assert main(argv) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert row["temperature"] == 0.7 and row["sampling_tokens_per_s"] > 0 and 0.0 <= row["acceptance"] <= 1.0
+    assert (
+        row["temperature"] == 0.7
+        and row["identical"] is None
+        and row["sampling_tokens_per_s"] > 0
+        and 0.0 <= row["acceptance"] <= 1.0
+    )
 
 
 def test_eval_only_without_a_twig_is_one_line_and_exit_2(tmp_path, capsys):
