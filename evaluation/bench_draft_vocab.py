@@ -26,7 +26,7 @@ import torch
 from operators.batch import text_batch
 from operators.decoding.speculative import _run_groups
 from operators.kv_cache import CacheGroup
-from operators.language_model import decode_step, run_layers, text_model
+from operators.language_model import base_logits, decode_step, run_layers, text_model
 from operators.prefill import LayerPlan, PrefillState, prefill
 from operators.twig import Twig, grow_twig, restrict_vocab
 
@@ -81,7 +81,7 @@ def measure(model, twigs: dict[int, Twig], batch: int, context: int, repeats: in
 
     def base_step():
         hidden = decode_step(lm, lm.embed_tokens(token)[:, None], position, state.base)
-        return model.lm_head(hidden).argmax(dim=-1)
+        return base_logits(model, hidden).argmax(dim=-1)  # as greedy decoding computes it
 
     def draft_step(twig: Twig):
         def run():

@@ -94,19 +94,15 @@ class CacheGroup:
     def drop(self, slots: torch.Tensor, start: int, end: int | None = None, holes: bool = True) -> None:
         """Invalidate per-row slots [B, q] (True = drop) of a block written at ``start``.
 
-        Rejected drafts become holes every later query masks out; ``trim`` (or ``end``, when the
-        caller already knows the last slot any row holds, + 1) then returns the trailing slots no
-        row holds, so a round where every row rejects costs no capacity. ``holes=False``: the
+        Rejected drafts become holes every later query masks out. ``end`` (the last slot any row
+        still holds, + 1, which the caller knows without a device read) returns the trailing slots
+        no row holds, so a round where every row rejects costs no capacity. ``holes=False``: the
         caller knows no hole is left before ``end`` (every row kept the same slots).
         """
         self.valid[:, start : start + slots.shape[1]] &= ~slots
         self.dense = self.dense and not holes
         if end is not None:
             self.length = end
-
-    def trim(self) -> None:
-        held = self.valid[:, : self.length].any(dim=0).nonzero()
-        self.length = int(held.max()) + 1 if len(held) else 0
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` [B'] (in that order): every layer's keys and values and ``valid``

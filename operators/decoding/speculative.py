@@ -188,7 +188,7 @@ class SelfSpeculative(Decoder):
                 [out.done[rows].sum(), accepted.max(), torch.where(active, accepted, -1).min()]
             ).tolist()
             # Every group's last W-1 slots are d_1..d_{W-1}; those after a row's accepted drafts go, and
-            # the trailing ones no row holds are returned (what ``CacheGroup.trim`` finds, without a sync).
+            # the trailing ones no row holds are returned (``held`` says where, without a device read).
             # No hole is left when every row ran and kept as many as the others.
             drafts_valid = draft.valid[:, draft.valid.shape[1] - (width - 1) :]
             rejected = drafts_valid & (steps[None, 1:width] > accepted[:, None])
