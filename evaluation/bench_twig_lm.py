@@ -35,7 +35,7 @@ from operators.decoding.speculative import SelfSpeculative
 from operators.language_model import text_model
 from operators.prefill import LayerPlan
 from operators.settings import EngineConfig
-from operators.twig import grow_twig, load_twig, restrict_vocab, save_twig
+from operators.twig import add_base_features, grow_twig, load_twig, restrict_vocab, save_twig
 from training import instructions
 from training.draft_vocab import choose_draft_vocab, count_tokens, coverage, coverage_curve
 from training.instructions import read_prompts
@@ -350,6 +350,7 @@ def evaluate(args, parser) -> int:
             max_new_tokens=args.max_new_tokens,
             **draft_settings(args),
             draft_vocab=None if twig.draft_vocab is None else len(twig.draft_vocab),
+            base_features=twig.base_features,
             K=twig.K,
             T=twig.T,
             threads=args.threads,
@@ -410,14 +411,21 @@ def train(args, parser) -> int:
         )
     ]
 
-    twig = grow_twig(model, args.K, args.T)
     draft_vocab = None
-    if args.draft_vocab:
+    if args.init_twig:  # go on from a trained twig: its K, T and draft vocabulary
+        twig = load_twig(args.init_twig, model).float()
+        args.K, args.T = twig.K, twig.T
+        log(f"starting from the twig in {args.init_twig} (K={twig.K}, T={twig.T})")
+    else:
+        twig = grow_twig(model, args.K, args.T)
+    if args.draft_vocab and twig.draft_vocab is None:
         draft_vocab = restrict_to_replies(twig, processor, train_set, args.draft_vocab)
         log(
             f"draft vocabulary of {args.draft_vocab}; coverage of the training replies: {draft_vocab['coverage_curve']}"
         )
-    untrained = agreement(model, processor, twig, held, args.K)["all"]["twig_base_agreement"]
+    if args.base_features:
+        add_base_features(twig)
+    untrained = held_agreement(model, processor, twig, held, args.K)
     steps = args.steps or math.ceil(args.epochs * len(train_set) / args.batch_size)
     cfg = TwigTrainConfig(
         K=args.K,
@@ -427,13 +435,14 @@ def train(args, parser) -> int:
         lr=args.lr,
         warmup=min(50, steps // 10),
         distill=args.distill,
+        feature_drop=args.feature_drop,
         seed=args.seed,
         log_every=20,
     )
     log(f"training the twig on {len(train_set)} conversations: {dataclasses.asdict(cfg)}")
     training = train_twig(half, processor, twig, train_set, cfg, log)
-    trained = agreement(model, processor, twig, held, args.K)["all"]["twig_base_agreement"]
-    log(f"held-out agreement: untrained {untrained:.3f}, trained {trained:.3f}")
+    trained = held_agreement(model, processor, twig, held, args.K)
+    log(f"held-out agreement: untrained {untrained}, trained {trained}")
     sources = {}
     for c in train_set:
         sources[c.source] = sources.get(c.source, 0) + 1
@@ -446,6 +455,9 @@ def train(args, parser) -> int:
         "threads": args.threads,
         "torch": torch.__version__,
         "teacher_dtype": args.teacher_dtype,
+        "init_twig": str(args.init_twig) if args.init_twig else None,
+        "base_features": args.base_features,
+        "feature_drop": args.feature_drop if args.base_features else None,
         "instructions": len(train_set),
         "validation_instructions": len(validation),
         "sources": sources,
@@ -470,6 +482,15 @@ def train(args, parser) -> int:
     (args.out / "twig_lm.md").write_text(markdown(report))
     print(markdown(report))
     return 0 if all(r["identical"] == 1.0 for r in report["results"]) else 1
+
+
+def held_agreement(model, processor, twig, held, K: int) -> dict | float:
+    """Teacher-forced twig/base agreement on the held-out replies; a twig with base features gets
+    two figures: with them at every position (a round's first draft) and without (later drafts)."""
+    figure = lambda drop: agreement(model, processor, twig, held, K, feature_drop=drop)["all"]["twig_base_agreement"]  # noqa: E731
+    if not twig.base_features:
+        return figure(0.0)
+    return {"with_base_features": figure(0.0), "without": figure(1.0)}
 
 
 def draft_settings(args) -> dict:
@@ -523,6 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--distill", type=float, default=1.0, help="weight of KL(base || twig) beside cross-entropy")
     parser.add_argument("--draft-vocab", type=int, default=4096, help="twig head size N (0: the full vocabulary)")
+    parser.add_argument("--init-twig", type=Path, default=None, help="start training from this saved twig")
+    parser.add_argument(
+        "--base-features", action="store_true", help="the twig also reads the base's final state at the previous token"
+    )
+    parser.add_argument(
+        "--feature-drop", type=float, default=0.5, help="--base-features: fraction of positions trained without them"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -13,6 +13,14 @@ Draft vocabulary (FR-Spec, EAGLE-3): a twig may score only N frequent tokens (``
 ids sorted by frequency) with a head sliced to those rows (``restrict_vocab``). Its logits are then
 [..., N]; ``full_ids`` maps a draft index back to a base token id. The base still verifies over
 its whole vocabulary, so this changes what is drafted, never what is output.
+
+Base features (EAGLE's feature input, an addition to TwigVLM): a twig may also read the base's own
+final hidden state (after its final norm) at the previous position, through a learnt projection
+``feature_in`` added to its layer-K input (``add_base_features``, zero-initialised, so the twig
+starts as it was). When SSD drafts from the base's last verified token, the base has just computed
+that state: the twig sees what the whole base "thought" one token earlier, not only layer K.
+Where no such state exists (the prompt, later drafts in a round) the input is zero, as in training,
+which drops it at random positions.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class Twig(nn.Module):
         self.head = head
         # A buffer, so it is saved with the weights and follows .to(device); None is not saved.
         self.register_buffer("draft_vocab", None)
+        self.feature_in: nn.Linear | None = None  # base features (``add_base_features``); None: none
         for t, layer in enumerate(self.layers):
             layer.self_attn.layer_idx = n_base_layers + t
 
@@ -80,6 +89,16 @@ class Twig(nn.Module):
         return lookup[ids]
 
     @property
+    def base_features(self) -> bool:
+        return self.feature_in is not None
+
+    def add_features(self, hidden: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """The twig's input: layer-K states [..., D] plus the projected base features [..., D], if any."""
+        if self.feature_in is None or features is None:
+            return hidden
+        return hidden + self.feature_in(features.to(hidden.dtype))
+
+    @property
     def layer_ids(self) -> list[int]:
         """KV-cache ids of the twig layers: n_base_layers + t, t = 0..T-1."""
         return [self.n_base_layers + t for t in range(self.T)]
@@ -95,8 +114,11 @@ class Twig(nn.Module):
         positions: torch.Tensor,
         attention_mask: torch.Tensor | None,
         rotary_emb: nn.Module,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Twig layers then twig norm, no cache. hidden [B, S, D] after base layer K -> [B, S, D]."""
+        """Twig layers then twig norm, no cache. hidden [B, S, D] after base layer K -> [B, S, D];
+        ``features`` [B, S, D]: the base's final state at each previous position (zeros: none)."""
+        hidden = self.add_features(hidden, features)
         position_embeddings = rotary_emb(hidden, positions)  # (cos, sin) [B, S, Dh]
         for layer in self.layers:
             out = layer(
@@ -115,6 +137,7 @@ class Twig(nn.Module):
         attention_mask: torch.Tensor | None,
         rotary_emb: nn.Module,
         select: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Twig logits, float32 [B, S, V].
 
@@ -123,10 +146,22 @@ class Twig(nn.Module):
         rotary_emb: the base's ``lm.rotary_emb``. ``select`` [B, S] bool: only those positions
         go through the head, -> [N, V] in row-major order (training needs answer positions only).
         """
-        normed = self.hidden(hidden, positions, attention_mask, rotary_emb)  # [B, S, D]
+        normed = self.hidden(hidden, positions, attention_mask, rotary_emb, features)  # [B, S, D]
         if select is not None:
             normed = normed[select]  # [N, D]
         return self.head(normed).float()
+
+
+def add_base_features(twig: Twig) -> Twig:
+    """Give ``twig`` a base-feature input (in place): a D x D projection, zero-initialised, so its
+    outputs are unchanged until it is trained. Idempotent."""
+    if twig.feature_in is None:
+        size = twig.head.in_features
+        weight = twig.head.weight
+        twig.feature_in = nn.Linear(size, size, bias=False, device=weight.device, dtype=weight.dtype)
+        nn.init.zeros_(twig.feature_in.weight)
+        twig.feature_in.requires_grad_(weight.requires_grad)
+    return twig
 
 
 def restrict_vocab(twig: Twig, draft_vocab: torch.Tensor) -> Twig:
@@ -269,6 +304,7 @@ def twig_config(twig: Twig, model: nn.Module, trained: dict | None = None) -> di
         "hidden_size": lm.config.hidden_size,
         "vocab_size": model.lm_head.out_features,
         "draft_vocab": None if twig.draft_vocab is None else len(twig.draft_vocab),
+        "base_features": twig.base_features,
         "dtype": str(next(twig.parameters()).dtype).removeprefix("torch."),
         "trained": trained or {},
     }
@@ -388,5 +424,7 @@ def load_twig(
     state = load_file(str(weights))
     if config.get("draft_vocab"):  # the saved ids overwrite these placeholders
         restrict_vocab(twig, torch.arange(int(config["draft_vocab"])))
+    if config.get("base_features"):
+        add_base_features(twig)
     twig.load_state_dict(state, strict=True)  # copies into the base's dtype and device
     return twig.eval()

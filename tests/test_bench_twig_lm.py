@@ -143,6 +143,7 @@ def test_eval_only_prints_one_json_line_per_batch_with_the_issue_fields(tmp_path
         assert row["identical"] == 1.0 and row["prompts"] == len(PROMPTS)
         assert 0.0 <= row["acceptance"] <= 1.0 and row["tokens_per_round"] >= 1.0
         assert row["speedup"] > 0 and row["draft_cost"] > 0 and row["draft_vocab"] == len(tokenizer) - 8
+        assert row["base_features"] is False
         assert row["speedup"] == pytest.approx(row["ssd_tokens_per_s"] / row["greedy_tokens_per_s"], rel=0.01)
 
 
@@ -204,3 +205,29 @@ def test_training_mode_distils_saves_a_bf16_twig_with_its_report_and_evaluates_i
     assert next(twig.parameters()).dtype == torch.float32 and twig.head.out_features == 16
     result = json.loads((out / "twig_lm.json").read_text())["results"]
     assert [r["batch"] for r in result] == [2] and result[0]["identical"] == 1.0
+
+
+def test_training_mode_goes_on_from_a_saved_twig_with_base_features(tmp_path, capsys):
+    model, tokenizer, cache = _saved_base(tmp_path, seed=6)
+    common = ["--cache", str(cache), "--prompts", str(_prompts_file(tmp_path)), "--instructions", "10"]
+    common += ["--validation", "2", "--reply-tokens", "6", "--data-batch", "5", "--batch-size", "4"]
+    common += ["--batch", "2", "--max-new-tokens", "6", "--data", str(tmp_path / "replies.jsonl")]
+    first = tmp_path / "first"
+    assert main([*common, "--out", str(first), "--steps", "1", "--K", "2", "--T", "1", "--draft-vocab", "16"]) == 0
+    second = tmp_path / "second"
+    argv = [*common, "--out", str(second), "--steps", "2", "--data-only", "--init-twig", str(first / "twig")]
+    assert main([*argv, "--base-features", "--feature-drop", "0.5"]) == 0
+    config = json.loads((second / "twig" / "twig.json").read_text())
+    report = json.loads((second / "twig" / "training_report.json").read_text())
+    # K, T and the draft vocabulary come from the first twig; the feature input is new and trained.
+    assert config["base_features"] is True and config["draft_vocab"] == 16 and (config["K"], config["T"]) == (2, 1)
+    assert report["init_twig"] == str(first / "twig") and report["feature_drop"] == 0.5
+    assert set(report["agreement"]["trained"]) == {"with_base_features", "without"}
+    twig = load_twig(second / "twig", model)
+    assert twig.base_features and bool(twig.feature_in.weight.abs().sum() > 0)
+    assert json.loads((second / "twig_lm.json").read_text())["results"][0]["identical"] == 1.0
+    capsys.readouterr()
+    argv = ["--eval-only", "--cache", str(cache), "--twig", str(second / "twig"), "--prompts"]
+    assert main([*argv, str(_prompts_file(tmp_path)), "--batch", "2", "--max-new-tokens", "8", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row["base_features"] is True and row["identical"] == 1.0

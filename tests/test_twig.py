@@ -344,6 +344,7 @@ def test_training_job_runs_and_writes_a_loadable_twig(tmp_path, small_demo_model
             "--seed", "5", "--images", "8", "--videos", "2", "--steps", "6", "--batch-size", "4",
             "--lr", "3e-3", "--warmup", "1", "--log-every", "2", "--distill", "1.0",
             "--eval-images", "2", "--eval-videos", "1", "--eval-generated", "1", "--max-new-tokens", "3",
+            "--base-features", "--feature-drop", "0.3",
         ]
     )  # fmt: skip
     losses = report["train"]["losses"]
@@ -356,6 +357,7 @@ def test_training_job_runs_and_writes_a_loadable_twig(tmp_path, small_demo_model
     model, _ = load_vlm(small_demo_model)
     twig = load_twig(out, model)
     assert (twig.K, twig.T) == (1, 2)
+    assert twig.base_features and bool(twig.feature_in.weight.abs().sum() > 0)  # trained from zero
     assert json.loads((out / "twig.json").read_text())["trained"]["steps"] == 6
 
 

@@ -365,39 +365,71 @@ def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 @torch.no_grad()
-def base_pass(model: nn.Module, K: int, inputs: dict, full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hidden state after base layer K [B, S, D]; with ``full``, also the base logits [B, S, V]
-    (the whole forward runs; a hook keeps layer K's output), else layers after K never run."""
+def base_pass(
+    model: nn.Module, K: int, inputs: dict, full: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Hidden state after base layer K [B, S, D]; with ``full``, also the base logits [B, S, V] and
+    its final hidden states after the final norm [B, S, D] (the whole forward runs; hooks keep
+    them), else layers after K never run and both are None."""
     if not full:
-        return hidden_after_layer(model, K, **inputs), None
-    captured: list[torch.Tensor] = []
+        return hidden_after_layer(model, K, **inputs), None, None
+    captured: dict[str, torch.Tensor] = {}
 
-    def keep(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
+    def keep(name):
+        def hook(module, args, output):
+            captured[name] = output[0] if isinstance(output, tuple) else output
 
-    handle = text_model(model).layers[K - 1].register_forward_hook(keep)
+        return hook
+
+    lm = text_model(model)
+    handles = [lm.layers[K - 1].register_forward_hook(keep("layer")), lm.norm.register_forward_hook(keep("final"))]
     try:
         logits = model(**inputs, use_cache=False).logits
     finally:
-        handle.remove()
-    return captured[0], logits
+        for handle in handles:
+            handle.remove()
+    return captured["layer"], logits, captured["final"]
+
+
+def previous_features(final: torch.Tensor, drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The base-feature input of a twig (``operators.twig.add_base_features``) for teacher forcing:
+    at position s the base's final state at s - 1 (zeros at s = 0). final [B, S, D] -> [B, S, D].
+    ``drop``: the fraction of positions, drawn at random, given zeros instead, as at inference where
+    only the first input of a round has the base's state."""
+    features = F.pad(final[:, :-1], (0, 0, 1, 0))
+    if drop > 0:
+        keep = torch.rand(features.shape[:2], generator=generator, device=final.device) >= drop
+        features = features * keep[..., None].to(features.dtype)
+    return features
 
 
 def twig_logits(
-    model: nn.Module, twig: nn.Module, K: int, batch: dict, device: torch.device, with_base: bool = False
+    model: nn.Module,
+    twig: nn.Module,
+    K: int,
+    batch: dict,
+    device: torch.device,
+    with_base: bool = False,
+    feature_drop: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Twig logits at every position that predicts a label.
 
     -> (twig logits [N, V], targets [N], base logits [N, V] if ``with_base`` else None). ``twig`` may
-    be DDP-wrapped. Right padding, so a causal mask is exact for every real token.
+    be DDP-wrapped. Right padding, so a causal mask is exact for every real token. A twig with base
+    features gets them (``previous_features``, ``feature_drop`` of them zeroed; 1.0: none).
     """
-    hidden, base_logits = base_pass(model, K, model_inputs(batch, device, next(model.parameters()).dtype), with_base)
+    uses_features = getattr(getattr(twig, "module", twig), "base_features", False) and feature_drop < 1.0
+    hidden, base_logits, final = base_pass(
+        model, K, model_inputs(batch, device, next(model.parameters()).dtype), with_base or uses_features
+    )
     labels = batch["labels"].to(device)
     select = labels[:, 1:] != IGNORE  # [B, S-1]: position s predicts token s+1
     positions = torch.arange(hidden.shape[1], device=device)[None].expand(hidden.shape[0], -1)
     twig_dtype = next(twig.parameters()).dtype
-    logits = twig(hidden.to(twig_dtype), positions, None, text_model(model).rotary_emb, select=_pad_select(select))
-    base = base_logits[:, :-1][select] if base_logits is not None else None
+    features = previous_features(final, feature_drop).to(twig_dtype) if uses_features else None
+    rotary = text_model(model).rotary_emb
+    logits = twig(hidden.to(twig_dtype), positions, None, rotary, select=_pad_select(select), features=features)
+    base = base_logits[:, :-1][select] if with_base else None
     return logits, labels[:, 1:][select], base
 
 
@@ -421,6 +453,7 @@ class TwigTrainConfig:
     seed: int = 0
     log_every: int = 10
     distill: float = 0.0  # weight of KL(base || twig) on the answer tokens (TwigVLM++'s PredKL; TwigVLM: 0)
+    feature_drop: float = 0.5  # twigs with base features: the fraction of positions trained without them
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -488,7 +521,9 @@ def train_twig(
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
         batch = collate([encode(processor, c) for c in next(stream)], pad_id)
         with autocast:
-            logits, targets, base_logits = twig_logits(model, twig, cfg.K, batch, device, with_base=cfg.distill > 0)
+            logits, targets, base_logits = twig_logits(
+                model, twig, cfg.K, batch, device, with_base=cfg.distill > 0, feature_drop=cfg.feature_drop
+            )
             targets, base_logits = _to_draft_vocab(getattr(twig, "module", twig), targets, base_logits)
             ce_sum = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
             loss_sum = ce_sum
@@ -569,9 +604,12 @@ def agreement(
     encoded: list[Encoded],
     K: int,
     batch_size: int = 16,
+    feature_drop: float = 0.0,
 ) -> dict:
     """How often the twig's argmax equals the base's on answer tokens (teacher-forced): the expected
-    per-token draft acceptance. Also each one's accuracy against the labels. Per source and "all"."""
+    per-token draft acceptance. Also each one's accuracy against the labels. Per source and "all".
+    A twig with base features gets them at every position (a round's first draft), or with
+    ``feature_drop`` 1.0 at none (its later drafts)."""
     device = next(model.parameters()).device
     pad_id = processor.tokenizer.pad_token_id
     pad_id = processor.tokenizer.eos_token_id if pad_id is None else pad_id
@@ -579,7 +617,9 @@ def agreement(
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         batch = collate(chunk, pad_id)
-        twig_logit, target, base_logit = twig_logits(model, twig, K, batch, device, with_base=True)
+        twig_logit, target, base_logit = twig_logits(
+            model, twig, K, batch, device, with_base=True, feature_drop=feature_drop
+        )
         twig_pred, base_pred = twig.full_ids(twig_logit.argmax(-1)), base_logit.argmax(-1)
         select = batch["labels"][:, 1:].to(device) != IGNORE
         row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(select)[select]
@@ -717,6 +757,7 @@ def run_job(
         seed=options["seed"],
         log_every=options["log_every"],
         distill=options.get("distill", 0.0),
+        feature_drop=options.get("feature_drop", 0.5),
     )
     train, heldout, data = load_conversations(options)
     heldout = heldout[: options["eval_max"]]
@@ -730,6 +771,10 @@ def run_job(
         vocab, report["draft_vocab"] = draft_vocab_from_replies(model, processor, train, options["draft_vocab"])
         restrict_vocab(twig, vocab)
         log(f"draft vocabulary: {len(vocab)} tokens, {report['draft_vocab']['coverage']:.4f} of the base's outputs")
+    if options.get("base_features"):
+        from operators.twig import add_base_features
+
+        add_base_features(twig)  # zero-initialised: held_out_before is the plain twig's
     train = train[rank::world]
     if rank == 0:
         log(f"base: {n_base} layers; twig K={K} T={T}; {len(train)} training conversations on rank 0 of {world}")

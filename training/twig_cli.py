@@ -75,6 +75,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="restrict the twig's head to the N tokens the base outputs most often on the training data "
         "(FR-Spec / EAGLE-3 draft vocabulary; EOS always kept); 0: the full vocabulary",
     )
+    parser.add_argument(
+        "--base-features",
+        action="store_true",
+        help="the twig also reads the base's final state at the previous token (EAGLE's feature input): SSD gives "
+        "it for the first draft of each round",
+    )
+    parser.add_argument(
+        "--feature-drop",
+        type=float,
+        default=0.5,
+        help="--base-features: the fraction of positions trained without them, as SSD's later drafts run",
+    )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=300)
     opt.add_argument("--batch-size", type=int, default=16, help="conversations per step and worker")
@@ -108,6 +120,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--draft-vocab must be >= 0")
     if args.ray_workers < 0:
         parser.error("--ray-workers must be >= 0")
+    if not 0.0 <= args.feature_drop < 1.0:
+        parser.error("--feature-drop must be in [0, 1)")
     return args
 
 

@@ -13,6 +13,11 @@ As in TwigVLM (its Algorithm 1) the prefill stops after layer K and the twig: th
 from the twig's logits at the last prompt token, and one pass of the deep layers over [prompt, drafts]
 finishes the prompt and verifies them (``finish_prefill``), one base pass fewer per request. The
 twig's head may score a reduced draft vocabulary (``operators.twig.restrict_vocab``).
+
+A twig with base features (``operators.twig.add_base_features``) gets, with the first input of each
+round (the base's own last token), the base's final state at the position before it: the state
+the verification has just computed, at the token whose logits gave that token. Later inputs of the
+round, and the prompt, get none: the twig was trained with both.
 """
 
 from __future__ import annotations
@@ -147,6 +152,7 @@ class SelfSpeculative(Decoder):
         # (``should_compact``); tokens and stats go to the original rows as they come.
         rows = torch.arange(size, device=device)
         finished = 0
+        features = None  # [B, D] base features for `pending` (twigs that read them), else None
         if fold:  # the last prompt token plays `pending`: it is in the shallow caches, d_1 is drafted from it
             pending, position = None, state.next_position - 1
             first_logits = twig.head(twig.norm(state.twig_last)).float()  # [B, N]
@@ -157,23 +163,36 @@ class SelfSpeculative(Decoder):
             out.emit(rows, pending[:, None], torch.ones_like(rows))
             finished = int(out.done.sum())
             position, first_logits = state.next_position.clone(), None  # [B] position of `pending`
+            features = state.last_hidden if twig.base_features else None
         groups: list[CacheGroup] = [*state.base.groups, *state.twig.groups]
         steps = torch.arange(self.config.max_draft + 1, device=device)
 
         while finished < len(rows):
             active = ~out.done[rows]
             draft = self._draft(
-                lm, twig, state, pending, position, active, finished == 0, out.lengths[rows], sampler, first_logits
+                lm,
+                twig,
+                state,
+                pending,
+                position,
+                active,
+                finished == 0,
+                out.lengths[rows],
+                sampler,
+                first_logits,
+                features,
             )
             width = draft.hidden.shape[1] + (first_logits is not None)  # the folded round has no pending input
             block_pos = position[:, None] + steps[None, :width]  # [B, W]: pending, d_1, ..., d_{W-1}
             if state.deferred is not None:  # the prompt's deep layers and the first verification, one pass
-                verify = finish_prefill(model, lm, state, plan, capacity, draft.hidden, block_pos[:, 1:], draft.valid)
+                verify, final = finish_prefill(
+                    model, lm, state, plan, capacity, draft.hidden, block_pos[:, 1:], draft.valid
+                )
                 groups = [*state.base.groups, *state.twig.groups]
                 sync(device)
                 t1 = time.perf_counter()  # prefill_s: up to the first tokens (time to first token)
             else:
-                verify = self._verify(model, lm, state, draft.hidden, block_pos, draft.valid, draft.dense)  # [B, W, V]
+                verify, final = self._verify(model, lm, state, draft.hidden, block_pos, draft.valid, draft.dense)
             accepted, bonus = self._accept(draft, verify, steps, sampler)
             accepted = torch.where(active, accepted, 0)
             # Emit d_1..d_accepted and the bonus: the drafts with the bonus written after the accepted ones.
@@ -197,11 +216,14 @@ class SelfSpeculative(Decoder):
                 group.drop(rejected, start, end=start + held, holes=fewest < held)
             pending, first_logits = bonus, None
             position = position + accepted + 1
+            if twig.base_features:  # the base's state where it chose `bonus`: after the accepted drafts
+                features = final[torch.arange(len(rows), device=device), accepted]  # [B, D]
             if self.drop_finished and should_compact(finished, len(rows)):
                 keep = (~out.done[rows]).nonzero().flatten()
                 for group in groups:
                     group.select_rows(keep)
                 rows, pending, position = rows[keep], pending[keep], position[keep]
+                features = None if features is None else features[keep]
                 sampler = sampler.select_rows(keep)
                 finished = 0
         sync(device)
@@ -209,7 +231,18 @@ class SelfSpeculative(Decoder):
         return Generation(out.tokens[:, :width], out.lengths, state, t1 - t0, time.perf_counter() - t1, stats)
 
     def _draft(
-        self, lm, twig, state: PrefillState, pending, position, active, all_active, lengths, sampler, first_logits=None
+        self,
+        lm,
+        twig,
+        state: PrefillState,
+        pending,
+        position,
+        active,
+        all_active,
+        lengths,
+        sampler,
+        first_logits=None,
+        features=None,
     ) -> _Draft:
         """Inputs pending, d_1, ..., d_n through the shallow layers and the twig; the last input runs
         only so the base can verify d_n and the twig's cache holds every accepted token. With
@@ -217,8 +250,9 @@ class SelfSpeculative(Decoder):
         is no pending input: d_1 is drawn from them and the inputs are d_1, ..., d_n.
 
         ``active`` [B] the rows still generating (``all_active``: every row, known on the host),
-        ``lengths`` [B] their tokens so far. One host sync per draft step: how many rows feed it
-        (whether to stop, and whether the step's block has holes)."""
+        ``lengths`` [B] their tokens so far; ``features`` [B, D] the base's final state before
+        ``pending``, for a twig that reads it (its first input only). One host sync per draft step:
+        how many rows feed it (whether to stop, and whether the step's block has holes)."""
         max_draft, size, device = self.config.max_draft, position.shape[0], position.device
         eos = torch.tensor(self.eos_token_ids, device=device)
         cap = (self.max_new_tokens - lengths - 1).clamp(min=0, max=max_draft)  # drafts that can still be emitted
@@ -242,9 +276,11 @@ class SelfSpeculative(Decoder):
                 embeds = lm.embed_tokens(token)[:, None]  # [B, 1, D]
                 hidden_k = _run_groups(lm, embeds, step_pos, step_valid, state.base, state.shallow, step_dense)
                 twig_group = state.twig.groups[0]
+                # The base verifies hidden_k itself; only the twig's input gets the base features.
+                twig_in = hidden_k if j > 0 or features is None else twig.add_features(hidden_k, features[:, None])
                 hidden = run_layers(
                     lm,
-                    hidden_k,
+                    twig_in,
                     step_pos,
                     step_valid,
                     state.twig,
@@ -279,10 +315,14 @@ class SelfSpeculative(Decoder):
         return _Draft(tokens, n, torch.cat(hidden_steps, dim=1), torch.cat(valid_steps, dim=1), dense, draft_probs)
 
     @staticmethod
-    def _verify(model, lm, state: PrefillState, hidden_k, positions, block_valid, dense=None) -> torch.Tensor:
-        """The base's logits [B, W, V] (float32) from layer-K hidden states, through the deep groups."""
+    def _verify(
+        model, lm, state: PrefillState, hidden_k, positions, block_valid, dense=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's logits [B, W, V] (float32) from layer-K hidden states, through the deep groups,
+        and its final-norm states [B, W, D] they come from."""
         hidden = _run_groups(lm, hidden_k, positions, block_valid, state.base, state.deep, dense)
-        return base_logits(model, lm.norm(hidden))
+        final = lm.norm(hidden)
+        return base_logits(model, final), final
 
     @staticmethod
     def _accept(draft: _Draft, verify: torch.Tensor, steps: torch.Tensor, sampler: Sampler):
@@ -307,14 +347,15 @@ def can_fold(plan: LayerPlan, pruning: InLLMPruning | None) -> bool:
 
 def finish_prefill(
     model, lm, state: PrefillState, plan: LayerPlan, capacity: int, draft_hidden, draft_pos, draft_valid
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The deferred prefill's layers [K, L) over [prompt, d_1..d_n]: one pass finishes the prompt and
     verifies the drafts. draft_hidden [B, n, D] layer-K states, draft_pos / draft_valid [B, n] (the prompt's
     positions may be [B, S, 3], multimodal RoPE).
 
-    Returns the base's logits [B, n + 1, V] after the last prompt token and after each draft, as
-    ``_verify``. Builds the deep cache groups (appended to ``state.base``) and counts the prompt's
-    tokens per deep layer. Drafts are text: FinalWipe keeps them, so they stay every row's last n slots.
+    Returns the base's logits [B, n + 1, V] after the last prompt token and after each draft, and
+    the final-norm states [B, n + 1, D] they come from, as ``_verify``. Builds the deep cache groups
+    (appended to ``state.base``) and counts the prompt's tokens per deep layer. Drafts are text:
+    FinalWipe keeps them, so they stay every row's last n slots.
     """
     deep, n_layers, n = state.deferred, len(lm.layers), draft_hidden.shape[1]
     hidden = torch.cat([deep.hidden, draft_hidden.to(deep.hidden.dtype)], dim=1)  # [B, S + n, D]
@@ -344,7 +385,8 @@ def finish_prefill(
             valid, visual, is_draft = valid & kept, visual & kept, is_draft & kept
         start = end
     state.base, state.deferred = KVCache(groups), None
-    return base_logits(model, lm.norm(hidden[:, hidden.shape[1] - n - 1 :]))
+    final = lm.norm(hidden[:, hidden.shape[1] - n - 1 :])
+    return base_logits(model, final), final
 
 
 def _run_groups(
