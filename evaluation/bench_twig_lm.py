@@ -38,6 +38,7 @@ from operators.settings import EngineConfig
 from operators.twig import add_base_features, grow_twig, load_twig, restrict_vocab, save_twig
 from training import instructions
 from training.draft_vocab import choose_draft_vocab, count_tokens, coverage, coverage_curve
+from training.eval_prompts import WHEEL_DIR
 from training.instructions import read_prompts
 from training.train_twig import IGNORE, Conversation, TwigTrainConfig, agreement, encode, train_twig
 
@@ -388,6 +389,14 @@ def train(args, parser) -> int:
     )
     half = half_copy(model, torch.bfloat16) if args.teacher_dtype == "bfloat16" else model
     records = instructions.build(args.instructions, args.seed)
+    if args.evals_prompts:  # first, so a generation stopped early has them (validation stays the last ones)
+        from training.eval_prompts import EVALS_WHEEL, evals_prompts
+
+        wheel = args.wheel_dir / EVALS_WHEEL
+        if not wheel.exists():
+            parser.error(f"{wheel} not found: run `make smollm2` (downloads it) or pass --wheel-dir")
+        taken = {r["text"] for r in records}
+        records = [r for r in evals_prompts(wheel, args.evals_prompts, args.seed) if r["text"] not in taken] + records
     data_path = args.data or args.out / "replies.jsonl"
     log(f"the base's greedy replies to {len(records)} instructions ({args.teacher_dtype}) -> {data_path}")
     t0 = time.perf_counter()
@@ -531,6 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=None, help="JSONL of the base's replies (resumed; default OUT/replies.jsonl)"
     )
+    parser.add_argument(
+        "--evals-prompts",
+        type=int,
+        default=0,
+        help="also train on up to N user requests per eval of OpenAI's evals wheel (training.eval_prompts); 0: none",
+    )
+    parser.add_argument("--wheel-dir", type=Path, default=WHEEL_DIR, help="where `make smollm2` puts the evals wheel")
     parser.add_argument("--data-batch", type=int, default=32)
     parser.add_argument(
         "--data-only", action="store_true", help="train on the replies already in --data; generate none"

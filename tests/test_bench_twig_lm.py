@@ -4,6 +4,7 @@
 import json
 import math
 import re
+import zipfile
 from collections import Counter
 
 import pytest
@@ -24,6 +25,7 @@ from evaluation.bench_twig_lm import (
 from operators.twig import grow_twig, load_twig, restrict_vocab, save_twig
 from tests.tiny_models import tiny_llama
 from training import instructions
+from training.eval_prompts import EVALS_WHEEL
 from training.instructions import read_prompts
 from training.train_twig import IGNORE, Conversation, TwigTrainConfig, encode, train_twig
 
@@ -213,7 +215,21 @@ def test_training_mode_goes_on_from_a_saved_twig_with_base_features(tmp_path, ca
     common += ["--validation", "2", "--reply-tokens", "6", "--data-batch", "5", "--batch-size", "4"]
     common += ["--batch", "2", "--max-new-tokens", "6", "--data", str(tmp_path / "replies.jsonl")]
     first = tmp_path / "first"
-    assert main([*common, "--out", str(first), "--steps", "1", "--K", "2", "--T", "1", "--draft-vocab", "16"]) == 0
+    with pytest.raises(SystemExit) as missing:  # --evals-prompts without the wheel: one line, exit 2
+        main([*common, "--out", str(first), "--evals-prompts", "2", "--wheel-dir", str(tmp_path / "none")])
+    assert missing.value.code == 2
+    wheel_dir = tmp_path / "wheels"
+    wheel_dir.mkdir()
+    with zipfile.ZipFile(wheel_dir / EVALS_WHEEL, "w") as z:
+        for name in ("alpha", "beta"):
+            lines = [{"input": [{"role": "user", "content": f"Please say {w} about {name} now."}]} for w in "xyz"]
+            z.writestr(f"evals/registry/data/{name}/s.jsonl", "\n".join(json.dumps(r) for r in lines))
+    evals = ["--evals-prompts", "2", "--wheel-dir", str(wheel_dir)]
+    argv = [*common, "--out", str(first), "--steps", "1", "--K", "2", "--T", "1", "--draft-vocab", "16", *evals]
+    assert main(argv) == 0
+    replies = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    assert sum(r["source"] == "openai-evals" for r in replies) == 4  # 2 per eval, before the 10 others
+    assert len(replies) == 14
     second = tmp_path / "second"
     argv = [*common, "--out", str(second), "--steps", "2", "--data-only", "--init-twig", str(first / "twig")]
     assert main([*argv, "--base-features", "--feature-drop", "0.5"]) == 0
