@@ -496,7 +496,10 @@ def train(args, parser) -> int:
 def held_agreement(model, processor, twig, held, K: int) -> dict | float:
     """Teacher-forced twig/base agreement on the held-out replies; a twig with base features gets
     two figures: with them at every position (a round's first draft) and without (later drafts)."""
-    figure = lambda drop: agreement(model, processor, twig, held, K, feature_drop=drop)["all"]["twig_base_agreement"]  # noqa: E731
+
+    def figure(drop: float) -> float:
+        return agreement(model, processor, twig, held, K, feature_drop=drop)["all"]["twig_base_agreement"]
+
     if not twig.base_features:
         return figure(0.0)
     return {"with_base_features": figure(0.0), "without": figure(1.0)}
@@ -570,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not 0.0 <= args.feature_drop < 1.0:
+        parser.error("--feature-drop must be in [0, 1)")
     args.argv = list(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

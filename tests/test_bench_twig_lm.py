@@ -232,6 +232,9 @@ def test_training_mode_goes_on_from_a_saved_twig_with_base_features(tmp_path, ca
     assert len(replies) == 14
     second = tmp_path / "second"
     argv = [*common, "--out", str(second), "--steps", "2", "--data-only", "--init-twig", str(first / "twig")]
+    with pytest.raises(SystemExit) as bad:  # every position without features would train nothing new
+        main([*argv, "--base-features", "--feature-drop", "1.0"])
+    assert bad.value.code == 2
     assert main([*argv, "--base-features", "--feature-drop", "0.5"]) == 0
     config = json.loads((second / "twig" / "twig.json").read_text())
     report = json.loads((second / "twig" / "training_report.json").read_text())
