@@ -568,7 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         "--base-features", action="store_true", help="the twig also reads the base's final state at the previous token"
     )
     parser.add_argument(
-        "--feature-drop", type=float, default=0.5, help="--base-features: fraction of positions trained without them"
+        "--feature-drop",
+        type=float,
+        default=TwigTrainConfig.feature_drop,
+        help="--base-features: fraction of positions trained without them",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -757,7 +757,7 @@ def run_job(
         seed=options["seed"],
         log_every=options["log_every"],
         distill=options.get("distill", 0.0),
-        feature_drop=options.get("feature_drop", 0.5),
+        feature_drop=options.get("feature_drop", TwigTrainConfig.feature_drop),
     )
     train, heldout, data = load_conversations(options)
     heldout = heldout[: options["eval_max"]]

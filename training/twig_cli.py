@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from training.train_twig import REPORT_NAME, frames_per_video_of, read_text, run_job, write_text
+from training.train_twig import REPORT_NAME, TwigTrainConfig, frames_per_video_of, read_text, run_job, write_text
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 
@@ -84,7 +84,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--feature-drop",
         type=float,
-        default=0.5,
+        default=TwigTrainConfig.feature_drop,
         help="--base-features: the fraction of positions trained without them, as SSD's later drafts run",
     )
     opt = parser.add_argument_group("optimisation")
