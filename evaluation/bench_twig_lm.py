@@ -29,13 +29,15 @@ from pathlib import Path
 import torch
 
 from operators.batch import PromptBatch, text_batch
+from operators.cpu_linear import apply_cpu_linear
 from operators.decoding.autoregressive import Autoregressive
 from operators.decoding.sampling import Sampler
 from operators.decoding.speculative import SelfSpeculative
 from operators.language_model import text_model
 from operators.prefill import LayerPlan
-from operators.settings import EngineConfig
+from operators.settings import CPU_LINEAR_KERNELS, EngineConfig
 from operators.twig import add_base_features, grow_twig, load_twig, restrict_vocab, save_twig
+from pipeline.config import ComputeConfig
 from training import instructions
 from training.draft_vocab import choose_draft_vocab, count_tokens, coverage, coverage_curve
 from training.eval_prompts import WHEEL_DIR
@@ -332,6 +334,7 @@ def evaluate(args, parser) -> int:
     if not args.twig.joinpath("twig.json").exists():
         parser.error(f"{args.twig} holds no twig (twig.json): train one with this job or pass --twig DIR")
     twig = load_twig(args.twig, model)
+    apply_cpu_linear(args.cpu_linear, model, twig)
     prompts = read_prompts(args.prompts)
     if not prompts:
         parser.error(f"{args.prompts} holds no instructions")
@@ -352,6 +355,7 @@ def evaluate(args, parser) -> int:
             **draft_settings(args),
             draft_vocab=None if twig.draft_vocab is None else len(twig.draft_vocab),
             base_features=twig.base_features,
+            cpu_linear=args.cpu_linear,
             K=twig.K,
             T=twig.T,
             threads=args.threads,
@@ -482,6 +486,8 @@ def train(args, parser) -> int:
     (Path(save_dir) / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"twig saved in {save_dir}")
     loaded = load_twig(save_dir, model)  # what --eval-only uses: the bf16 weights back in fp32
+    report["cpu_linear"] = args.cpu_linear
+    apply_cpu_linear(args.cpu_linear, model, loaded)  # after training: packed linears have no backward
     report["results"] = compare(
         model, loaded, tokenizer, held_prompts, args.batches, args.max_new_tokens, "trained", **draft_settings(args)
     )
@@ -574,6 +580,12 @@ def main(argv: list[str] | None = None) -> int:
         help="--base-features: fraction of positions trained without them",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cpu-linear",
+        choices=CPU_LINEAR_KERNELS,
+        default=ComputeConfig.model_fields["cpu_linear"].default,
+        help="decoding's linear layers: oneDNN with packed weights, or PyTorch's own (aten)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not 0.0 <= args.feature_drop < 1.0:

@@ -12,6 +12,10 @@ from dataclasses import KW_ONLY, dataclass
 
 from operators import registry
 
+# compute.cpu_linear: how linear layers run on CPU (operators.cpu_linear). "onednn": oneDNN with each
+# weight packed once (faster at decoding's few rows); "aten": PyTorch's own linear.
+CPU_LINEAR_KERNELS = ("onednn", "aten")
+
 
 class SettingError(ValueError):
     """A bad engine setting; ``key`` is the job config key it comes from."""

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from operators.settings import EngineConfig, SettingError
+from operators.settings import CPU_LINEAR_KERNELS, EngineConfig, SettingError
 from pipeline.faults import RetryPolicy
 from pipeline.schema import FINGERPRINT_SCHEMA
 
@@ -164,6 +164,10 @@ class ComputeConfig(_Section):
     batch_tokens: int | None = None
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 overlaps an actor's input transfer with compute
     torch_threads: int | None = Field(None, ge=1)  # CPU inference threads per actor (default: cpus_per_actor)
+    # CPU actors: "onednn" runs linear layers through oneDNN with weights packed once (faster decoding;
+    # the weights are held twice); "aten": PyTorch's own. Not in the fingerprint: a kernel choice, like
+    # batch composition, changes float rounding only.
+    cpu_linear: Literal[CPU_LINEAR_KERNELS] = "onednn"
 
 
 class RayConfig(_Section):

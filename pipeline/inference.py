@@ -55,6 +55,7 @@ class InferenceStage:
         import torch
         from transformers.utils import logging as hf_logging
 
+        from operators.cpu_linear import apply_cpu_linear
         from operators.engine import Engine
         from operators.loading import load_vlm
         from pipeline.models import checkpoint_directory
@@ -82,6 +83,8 @@ class InferenceStage:
             twig_options = fsspec_options(cfg.decode.twig, **(storage_config or {}))
             # A hub model's twig (hf://org/name/twig) is in the snapshot just fetched.
             twig = load_twig(local_twig(cfg.decode.twig), model, storage_options=twig_options)
+        if device == "cpu":  # oneDNN-packed linears: decoding's few rows run near the weights' read time
+            apply_cpu_linear(cfg.compute.cpu_linear, model, twig)
         self.engine = Engine(model, processor, cfg.to_engine_config(), twig=twig)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

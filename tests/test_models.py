@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from operators import registry
+from operators.cpu_linear import PackedLinear
 from operators.loading import load_vlm
 from pipeline.config import ConfigError, load_config
 from pipeline.models import (
@@ -367,6 +368,12 @@ def test_inference_actor_loads_a_hub_model_and_its_twig(hub_env):
     stage = InferenceStage(config, None, "run")
     assert stage.engine.twig is not None and stage.engine.twig.K == 1
     assert any(path.endswith("/model.safetensors") for _, path in hub_env.log)
+    # A CPU actor runs base and twig linears through oneDNN (compute.cpu_linear's default); aten keeps them.
+    assert isinstance(stage.engine.model.lm_head, PackedLinear) and isinstance(stage.engine.twig.head, PackedLinear)
+    aten = config_for("org/tiny", "decode.strategy=ssd", "model.device=cpu", "compute.cpu_linear=aten")
+    check_model(aten)
+    plain = InferenceStage(aten, None, "run")
+    assert not any(isinstance(m, PackedLinear) for m in plain.engine.model.modules())
 
 
 # --- local and object-store checkpoints -------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Linear layers through oneDNN with weights packed once, for CPU inference.
+
+PyTorch's default CPU linear (MKL's sgemm on this project's wheel) is slow at the row counts decoding
+runs: on the 2-core AMD EPYC here, all linears of SmolLM2-135M's 30 layers take about 41 ms for one
+row and 58-91 ms for 2-6 rows. oneDNN with the weight reordered once into its blocked layout (what
+``torch.compile`` uses on CPU) takes about 25 ms for one row and 23-34 ms for 2-6 (BENCHMARKS.md,
+"Packed CPU linears"). Greedy decoding gets faster, and verifying a block of drafts costs about one
+decoding step, as on a GPU: what self-speculative decoding needs.
+
+:func:`pack_linears` wraps a model's ``nn.Linear`` modules in place (per model instance; nothing in
+torch or transformers is patched). The wrapper keeps the original ``weight`` and ``bias``
+parameters, so state dicts, tied embeddings and code that reads ``.weight`` see what they saw; the
+packed copy is extra memory (the linear weights twice). It falls back to ``F.linear`` where the
+packed path does not apply: autograd (training), another device or dtype, or a weight changed since
+packing (which it repacks).
+
+Outputs differ from ``F.linear``'s by float rounding (about 1e-6 relative in fp32), as any two GEMM
+kernels do; greedy and speculative decoding on the same packed model stay identical (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from operators.settings import CPU_LINEAR_KERNELS
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def packing_available() -> bool:
+    """oneDNN's packed linear exists in this torch build and agrees with ``F.linear`` on a small case."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    if not torch.backends.mkldnn.is_available() or ops is None:
+        return False
+    try:
+        weight = torch.linspace(-1, 1, 24).reshape(6, 4)
+        x, bias = torch.linspace(-2, 2, 8).reshape(2, 4), torch.linspace(0, 1, 6)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(torch.allclose(y, F.linear(x, weight, bias), atol=1e-5))
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear``'s parameters, computed through a oneDNN-packed copy of its weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects (ties survive)
+        self._packed: torch.Tensor | None = None
+        self._packed_for: tuple | None = None
+        self._repack()
+
+    def _key(self) -> tuple:
+        # Which weight the packed copy was made from: its storage, in-place version, dtype and device.
+        w = self.weight
+        return (w.data_ptr(), w._version, w.dtype, w.device)
+
+    def _repack(self) -> bool:
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES:
+            self._packed, self._packed_for = None, None
+            return False
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+        self._packed_for = self._key()
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)  # the packed op has no backward
+        if self._packed_for != self._key() and not self._repack():
+            return F.linear(x, self.weight, self.bias)
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Replace every CPU ``nn.Linear`` (fp32 or bf16) under ``module`` by a :class:`PackedLinear`, in
+    place; returns how many. Nothing happens where :func:`packing_available` is false, and packing
+    twice is harmless."""
+    if not packing_available():
+        return 0
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in PACKED_DTYPES:
+                setattr(parent, name, PackedLinear(child))
+                count += 1
+    return count
+
+
+def apply_cpu_linear(kernel: str, *modules: nn.Module | None) -> int:
+    """``compute.cpu_linear`` applied to loaded modules (a base model, a twig): linears packed."""
+    if kernel not in CPU_LINEAR_KERNELS:
+        raise ValueError(f"unknown CPU linear kernel {kernel!r}; allowed: {', '.join(CPU_LINEAR_KERNELS)}")
+    if kernel == "aten":
+        return 0
+    return sum(pack_linears(m) for m in modules if m is not None)

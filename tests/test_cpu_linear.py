@@ -1,0 +1,119 @@
+"""oneDNN-packed CPU linears (operators.cpu_linear): same parameters, outputs within float rounding of
+Hugging Face's, a fallback wherever the packed path does not apply, and SSD still equal to greedy
+decoding on a packed model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+from evaluation.bench_twig_lm import compare
+from operators.cpu_linear import PackedLinear, apply_cpu_linear, pack_linears, packing_available
+from operators.twig import grow_twig
+from pipeline.config import ConfigError, load_config
+from tests.conftest import BUILDERS
+from tests.test_base_features import PROMPTS, feature_twig
+from tests.test_speculative import assert_same, batch_inputs, generate_both
+from tests.tiny_models import tiny_llama
+
+
+def linears(module: nn.Module) -> dict[str, type]:
+    return {name: type(m) for name, m in module.named_modules() if isinstance(m, nn.Linear | PackedLinear)}
+
+
+def test_the_pinned_torch_has_the_packed_linear():
+    # Without it pack_linears would quietly do nothing and compute.cpu_linear=onednn would change nothing.
+    assert packing_available()
+
+
+def test_packing_keeps_parameters_ties_and_outputs():
+    model, tokenizer = tiny_llama(seed=3, num_hidden_layers=3)
+    ids = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = linears(model)
+    assert pack_linears(model) == len(kinds) > 0
+    assert set(linears(model).values()) == {PackedLinear}
+    assert pack_linears(model) == 0  # packing twice changes nothing
+    after_state = model.state_dict()
+    assert after_state.keys() == state.keys()
+    assert all(torch.equal(after_state[k], v) for k, v in state.items())
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        after = model(**ids).logits
+    assert_close(after, before, atol=1e-4, rtol=1e-4)
+    assert model.lm_head.out_features == model.config.vocab_size  # code reads the wrapped module's sizes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_matches_f_linear_for_any_row_count_and_shape(dtype):
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(48, 80).to(dtype)
+    packed = PackedLinear(linear)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for shape in [(1, 48), (3, 48), (2, 5, 48), (1, 1, 48)]:
+        x = torch.randn(shape, generator=generator).to(dtype)
+        with torch.no_grad():
+            y = packed(x)
+        assert y.shape == (*shape[:-1], 80) and y.dtype == dtype
+        assert_close(y, F.linear(x, linear.weight, linear.bias), atol=tolerance, rtol=tolerance)
+
+
+def test_training_an_in_place_change_and_another_dtype_fall_back_or_repack():
+    linear = nn.Linear(16, 8)
+    packed = PackedLinear(linear)
+    x = torch.randn(4, 16)
+    # Autograd: the packed op has no backward, so a trainable weight goes through F.linear.
+    packed(x).sum().backward()
+    assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
+    # An in-place change after packing is seen (the packed copy is rebuilt).
+    with torch.no_grad():
+        linear.weight.mul_(3.0)
+        assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
+        # A dtype the packed path does not take: F.linear on the converted weights.
+        packed.double()
+        x64 = x.double()
+        assert_close(packed(x64), F.linear(x64, linear.weight.double(), linear.bias.double()))
+
+
+def test_apply_cpu_linear_names_its_kernels():
+    model, _ = tiny_llama(seed=1, num_hidden_layers=2)
+    assert apply_cpu_linear("aten", model) == 0 and PackedLinear not in set(linears(model).values())
+    with pytest.raises(ValueError, match="allowed: onednn, aten"):
+        apply_cpu_linear("mkl", model)
+    twig = grow_twig(model, K=1, T=1)
+    assert apply_cpu_linear("onednn", model, twig, None) == len(linears(model)) + len(linears(twig))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_ssd_equals_greedy_on_a_packed_vlm_with_ttp(batch):
+    model, processor = BUILDERS["llava"](seed=0)  # not the session's shared tiny model: this one is packed
+    twig = grow_twig(model, K=1, T=2)
+    apply_cpu_linear("onednn", model, twig)
+    inputs = batch_inputs(model, processor, range(60, 60 + batch))
+    segments = torch.tensor(inputs[1].segments)
+    for keep, (max_draft, threshold, max_new) in [(None, (3, 0.0, 13)), (3 * segments, (5, 0.6, 17))]:
+        ar, ssd, stats = generate_both(model, twig, inputs, keep, None, max_new, None, max_draft, threshold)
+        assert_same(ar, ssd)
+        assert bool((stats.accepted <= stats.drafted).all())
+
+
+def test_ssd_with_base_features_equals_greedy_on_a_packed_causal_lm():
+    model, tokenizer = tiny_llama(seed=14, num_hidden_layers=6)
+    twig = feature_twig(model, scale=1.0)
+    apply_cpu_linear("onednn", model, twig)
+    assert isinstance(twig.feature_in, PackedLinear) and isinstance(twig.head, PackedLinear)
+    rows = compare(model, twig, tokenizer, PROMPTS, [1, 4], max_new_tokens=16, label="packed")
+    assert all(r["identical"] == 1.0 and r["generated"] > len(PROMPTS) for r in rows)
+
+
+def test_the_config_key_is_validated_with_its_allowed_values():
+    assert load_config(None, []).compute.cpu_linear == "onednn"
+    assert load_config(None, ["compute.cpu_linear=aten"]).compute.cpu_linear == "aten"
+    with pytest.raises(ConfigError, match=r"compute\.cpu_linear.*'onednn' or 'aten'"):
+        load_config(None, ["compute.cpu_linear=mkl"])
