@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from evaluation.bench_cpu_linear import add_cpu_linear_option
 from evaluation.shapes_qa import media_for
+from operators.cpu_linear import apply_cpu_linear
 from operators.engine import Engine, EngineConfig, Request, format_prompt
 from operators.loading import load_vlm
 from operators.twig import load_twig
@@ -88,17 +90,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    add_cpu_linear_option(parser)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     model, processor = load_vlm(args.model)
     twig = load_twig(args.twig, model)
+    apply_cpu_linear(args.cpu_linear, model, twig)
     frames = json.loads((Path(args.model) / "training_report.json").read_text())["model"]["frames_per_video"]
     requests = caption_requests(processor, args.seed, args.items, frames)
     report = {
         "command": " ".join(["python", "jobs/bench_ssd.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "cpu_linear": args.cpu_linear,
         "twig": {"K": twig.K, "T": twig.T},
         "items": len(requests),
         "results": {},

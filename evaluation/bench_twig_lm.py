@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from evaluation.bench_cpu_linear import add_cpu_linear_option
 from operators.batch import PromptBatch, text_batch
 from operators.cpu_linear import apply_cpu_linear
 from operators.decoding.autoregressive import Autoregressive
@@ -35,9 +36,8 @@ from operators.decoding.sampling import Sampler
 from operators.decoding.speculative import SelfSpeculative
 from operators.language_model import text_model
 from operators.prefill import LayerPlan
-from operators.settings import CPU_LINEAR_KERNELS, EngineConfig
+from operators.settings import EngineConfig
 from operators.twig import add_base_features, grow_twig, load_twig, restrict_vocab, save_twig
-from pipeline.config import ComputeConfig
 from training import instructions
 from training.draft_vocab import choose_draft_vocab, count_tokens, coverage, coverage_curve
 from training.eval_prompts import WHEEL_DIR
@@ -580,12 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         help="--base-features: fraction of positions trained without them",
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--cpu-linear",
-        choices=CPU_LINEAR_KERNELS,
-        default=ComputeConfig.model_fields["cpu_linear"].default,
-        help="decoding's linear layers: oneDNN with packed weights, or PyTorch's own (aten)",
-    )
+    add_cpu_linear_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not 0.0 <= args.feature_drop < 1.0:

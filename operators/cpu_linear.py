@@ -1,11 +1,11 @@
 """Linear layers through oneDNN with weights packed once, for CPU inference.
 
 PyTorch's default CPU linear (MKL's sgemm on this project's wheel) is slow at the row counts decoding
-runs: on the 2-core AMD EPYC here, all linears of SmolLM2-135M's 30 layers take about 41 ms for one
-row and 58-91 ms for 2-6 rows. oneDNN with the weight reordered once into its blocked layout (what
-``torch.compile`` uses on CPU) takes about 25 ms for one row and 23-34 ms for 2-6 (BENCHMARKS.md,
-"Packed CPU linears"). Greedy decoding gets faster, and verifying a block of drafts costs about one
-decoding step, as on a GPU: what self-speculative decoding needs.
+runs: on the 2-core AMD EPYC here, all linears of SmolLM2-135M's 30 layers take 47 ms for one row and
+63-81 ms for 2-6 rows. oneDNN with the weight reordered once into its blocked layout (what
+``torch.compile`` uses on CPU) takes 32 ms for one row and 28-34 ms for 2-6 (BENCHMARKS.md, "Packed
+CPU linears"). Greedy decoding gets faster, and verifying a block of drafts costs about one decoding
+step, as on a GPU: what self-speculative decoding needs.
 
 :func:`pack_linears` wraps a model's ``nn.Linear`` modules in place (per model instance; nothing in
 torch or transformers is patched). The wrapper keeps the original ``weight`` and ``bias``
@@ -80,6 +80,11 @@ class PackedLinear(nn.Module):
         if x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+    def __getstate__(self) -> dict:
+        # oneDNN's opaque tensor cannot be copied or pickled: copies (deepcopy, torch.save, Ray) carry
+        # the parameters only and repack on their first call.
+        return {**self.__dict__, "_packed": None, "_packed_for": None}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

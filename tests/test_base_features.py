@@ -13,7 +13,7 @@ from operators.language_model import text_model
 from operators.prefill import LayerPlan
 from operators.settings import EngineConfig
 from operators.twig import add_base_features, grow_twig, load_twig, save_twig
-from tests.test_speculative import assert_same, batch_inputs, generate_both
+from tests.test_speculative import assert_ssd_equals_greedy_with_and_without_ttp, batch_inputs
 from tests.tiny_models import tiny_llama
 from training.train_twig import previous_features
 
@@ -109,12 +109,7 @@ def test_ssd_gives_the_twig_the_base_state_before_each_rounds_first_input(monkey
 def test_ssd_with_base_features_equals_greedy_with_ttp(tiny, batch):
     model, processor = tiny("llava")
     twig = feature_twig(model, K=1, T=2)
-    inputs = batch_inputs(model, processor, range(40, 40 + batch))
-    segments = torch.tensor(inputs[1].segments)
-    for keep, (max_draft, threshold, max_new) in [(None, (3, 0.0, 13)), (3 * segments, (5, 0.6, 17))]:
-        ar, ssd, stats = generate_both(model, twig, inputs, keep, None, max_new, None, max_draft, threshold)
-        assert_same(ar, ssd)
-        assert bool((stats.accepted <= stats.drafted).all())
+    assert_ssd_equals_greedy_with_and_without_ttp(model, twig, batch_inputs(model, processor, range(40, 40 + batch)))
 
 
 def test_ssd_with_base_features_equals_greedy_on_a_causal_lm_with_compaction_and_sampling():

@@ -77,6 +77,15 @@ def assert_same(ar, ssd):
         assert ssd.tokens[row, :n].tolist() == ar.tokens[row, :n].tolist(), f"row {row}"
 
 
+def assert_ssd_equals_greedy_with_and_without_ttp(model, twig, inputs):
+    """Unpruned with drafts of 3 at θ = 0, and TTP at 3 visual tokens per segment with δ = 5, θ = 0.6."""
+    segments = torch.tensor(inputs[1].segments)
+    for keep, (max_draft, threshold, max_new) in [(None, (3, 0.0, 13)), (3 * segments, (5, 0.6, 17))]:
+        ar, ssd, stats = generate_both(model, twig, inputs, keep, None, max_new, None, max_draft, threshold)
+        assert_same(ar, ssd)
+        assert bool((stats.accepted <= stats.drafted).all())
+
+
 BUDGETS = [(None, None), (3, None), (3, -1), (12, -1)]  # (visual tokens kept per segment, FinalWipe layer)
 DRAFTS = [(1, 0.0, 9), (3, 0.6, 13), (5, 0.0, 17)]  # (max draft, threshold, max new tokens)
 BATCHES = [1, 4, 8]
