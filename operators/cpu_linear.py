@@ -29,6 +29,10 @@ from torch import nn
 from operators.settings import CPU_LINEAR_KERNELS
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+# Below this much linear weight (model and twig together) the weights stay in this CPU's caches, where
+# oneDNN's cost per call (about 30 us, against 8-30 us for PyTorch's own at one row) outweighs what it
+# saves: the 10 MB demo model decodes 20-30 % slower packed (BENCHMARKS.md, "Packed CPU linears").
+MIN_PACKED_BYTES = 64 * 2**20
 
 
 @functools.cache
@@ -105,10 +109,18 @@ def pack_linears(module: nn.Module) -> int:
     return count
 
 
-def apply_cpu_linear(kernel: str, *modules: nn.Module | None) -> int:
-    """``compute.cpu_linear`` applied to loaded modules (a base model, a twig): linears packed."""
+def linear_bytes(*modules: nn.Module | None) -> int:
+    """Bytes of ``nn.Linear`` weights under ``modules`` (each module counted once)."""
+    seen = {id(m): m for module in modules if module is not None for m in module.modules()}
+    return sum(m.weight.numel() * m.weight.element_size() for m in seen.values() if isinstance(m, nn.Linear))
+
+
+def apply_cpu_linear(kernel: str, *modules: nn.Module | None, min_bytes: int | None = None) -> int:
+    """``compute.cpu_linear`` applied to loaded modules (a base model and its twig): their linears are
+    packed together, or none of them, when they hold at least ``min_bytes`` of weights
+    (default :data:`MIN_PACKED_BYTES`)."""
     if kernel not in CPU_LINEAR_KERNELS:
         raise ValueError(f"unknown CPU linear kernel {kernel!r}; allowed: {', '.join(CPU_LINEAR_KERNELS)}")
-    if kernel == "aten":
+    if kernel == "aten" or linear_bytes(*modules) < (MIN_PACKED_BYTES if min_bytes is None else min_bytes):
         return 0
     return sum(pack_linears(m) for m in modules if m is not None)

@@ -14,7 +14,14 @@ from torch import nn
 from torch.testing import assert_close
 
 from evaluation.bench_twig_lm import compare
-from operators.cpu_linear import PackedLinear, apply_cpu_linear, pack_linears, packing_available
+from operators.cpu_linear import (
+    MIN_PACKED_BYTES,
+    PackedLinear,
+    apply_cpu_linear,
+    linear_bytes,
+    pack_linears,
+    packing_available,
+)
 from operators.language_model import base_logits
 from operators.twig import grow_twig
 from pipeline.config import ConfigError, load_config
@@ -117,21 +124,26 @@ def test_apply_cpu_linear_names_its_kernels():
     with pytest.raises(ValueError, match="allowed: onednn, aten"):
         apply_cpu_linear("mkl", model)
     twig = grow_twig(model, K=1, T=1)
-    assert apply_cpu_linear("onednn", model, twig, None) == len(linears(model)) + len(linears(twig))
+    # A model this small stays in the caches, where PyTorch's own linear is faster: nothing is packed.
+    size = linear_bytes(model, twig, model)  # a module given twice counts once
+    assert size == sum(m.weight.numel() * 4 for m in [*model.modules(), *twig.modules()] if isinstance(m, nn.Linear))
+    assert size < MIN_PACKED_BYTES and apply_cpu_linear("onednn", model, twig) == 0
+    assert apply_cpu_linear("onednn", model, twig, min_bytes=size + 1) == 0
+    assert apply_cpu_linear("onednn", model, twig, None, min_bytes=size) == len(linears(model)) + len(linears(twig))
 
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_ssd_equals_greedy_on_a_packed_vlm_with_ttp(batch):
     model, processor = BUILDERS["llava"](seed=0)  # not the session's shared tiny model: this one is packed
     twig = grow_twig(model, K=1, T=2)
-    apply_cpu_linear("onednn", model, twig)
+    apply_cpu_linear("onednn", model, twig, min_bytes=0)
     assert_ssd_equals_greedy_with_and_without_ttp(model, twig, batch_inputs(model, processor, range(60, 60 + batch)))
 
 
 def test_ssd_with_base_features_equals_greedy_on_a_packed_causal_lm():
     model, tokenizer = tiny_llama(seed=14, num_hidden_layers=6)
     twig = feature_twig(model, scale=1.0)
-    apply_cpu_linear("onednn", model, twig)
+    apply_cpu_linear("onednn", model, twig, min_bytes=0)
     assert isinstance(twig.feature_in, PackedLinear) and isinstance(twig.head, PackedLinear)
     rows = compare(model, twig, tokenizer, PROMPTS, [1, 4], max_new_tokens=16, label="packed")
     assert all(r["identical"] == 1.0 and r["generated"] > len(PROMPTS) for r in rows)

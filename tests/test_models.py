@@ -359,7 +359,7 @@ def test_hub_model_twig_default(hub_env):
         check_model(config_for("org/tiny@v1", "decode.strategy=ssd"))
 
 
-def test_inference_actor_loads_a_hub_model_and_its_twig(hub_env):
+def test_inference_actor_loads_a_hub_model_and_its_twig(hub_env, monkeypatch):
     """What each actor does: download the model (weights included) and load the twig from that snapshot."""
     from pipeline.inference import InferenceStage
 
@@ -368,7 +368,12 @@ def test_inference_actor_loads_a_hub_model_and_its_twig(hub_env):
     stage = InferenceStage(config, None, "run")
     assert stage.engine.twig is not None and stage.engine.twig.K == 1
     assert any(path.endswith("/model.safetensors") for _, path in hub_env.log)
-    # A CPU actor runs base and twig linears through oneDNN (compute.cpu_linear's default); aten keeps them.
+    # A model this small is not packed (it stays in the caches, where aten is faster) ...
+    assert not any(isinstance(m, PackedLinear) for m in stage.engine.model.modules())
+    # ... a large one is: a CPU actor runs base and twig linears through oneDNN (compute.cpu_linear's
+    # default), and aten keeps them.
+    monkeypatch.setattr("operators.cpu_linear.MIN_PACKED_BYTES", 0)
+    stage = InferenceStage(config, None, "run")
     assert isinstance(stage.engine.model.lm_head, PackedLinear) and isinstance(stage.engine.twig.head, PackedLinear)
     aten = config_for("org/tiny", "decode.strategy=ssd", "model.device=cpu", "compute.cpu_linear=aten")
     check_model(aten)
