@@ -165,8 +165,9 @@ class ComputeConfig(_Section):
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)  # >= 2 overlaps an actor's input transfer with compute
     torch_threads: int | None = Field(None, ge=1)  # CPU inference threads per actor (default: cpus_per_actor)
     # CPU actors: "onednn" runs linear layers through oneDNN with weights packed once (faster decoding;
-    # the weights are held twice); "aten": PyTorch's own. Not in the fingerprint: a kernel choice, like
-    # batch composition, changes float rounding only.
+    # the weights are held twice) for models with 64 MB of linear weights or more (smaller ones stay in
+    # the caches, where PyTorch's own is faster); "aten": PyTorch's own. Not in the fingerprint: a
+    # kernel choice, like batch composition, changes float rounding only.
     cpu_linear: Literal[CPU_LINEAR_KERNELS] = "onednn"
 
 
