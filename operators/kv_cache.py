@@ -91,15 +91,17 @@ class CacheGroup:
         self.valid[:, self.length : self.length + q] = block_valid
         self.length += q
 
-    def drop(self, slots: torch.Tensor, start: int, end: int | None = None, holes: bool = True) -> None:
-        """Invalidate per-row slots [B, q] (True = drop) of a block written at ``start``.
+    def keep(self, slots: torch.Tensor, start: int, end: int | None = None, holes: bool = True) -> None:
+        """Set the validity of a block's slots written at ``start`` to ``slots`` [B, q] (True = kept).
 
-        Rejected drafts become holes every later query masks out. ``end`` (the last slot any row
-        still holds, + 1, which the caller knows without a device read) returns the trailing slots
-        no row holds, so a round where every row rejects costs no capacity. ``holes=False``: the
-        caller knows no hole is left before ``end`` (every row kept the same slots).
+        After SSD's verification the block's slots a row keeps are its accepted path: its accepted drafts,
+        or an alternative written as a leaf (invalid) that the base agreed with. The rest become holes
+        every later query masks out. ``end`` (the last slot any row still holds, + 1, which the caller
+        knows without a device read) returns the trailing slots no row holds, so a round where every row
+        rejects costs no capacity. ``holes=False``: the caller knows no hole is left before ``end``
+        (every row kept the same leading slots).
         """
-        self.valid[:, start : start + slots.shape[1]] &= ~slots
+        self.valid[:, start : start + slots.shape[1]] = slots
         self.dense = self.dense and not holes
         if end is not None:
             self.length = end

@@ -45,6 +45,9 @@ class EngineConfig:
     ignore_eos: bool = False
     max_draft: int = 5  # SSD: draft tokens per round at most (TwigVLM's delta)
     draft_threshold: float = 0.6  # SSD: stop a row's draft at a token with probability below this (theta)
+    # SSD, greedy: at depth j, this[j - 1] more of the twig's most likely tokens are verified beside d_j
+    # (leaves of a draft tree; the base may accept one where it rejects d_j). (): a chain, as TwigVLM.
+    draft_alternatives: tuple[int, ...] = ()
     temperature: float = 0.0  # 0: greedy; > 0: sampling (SSD then uses speculative sampling)
     top_k: int | None = None  # sampling: keep the k most likely tokens (None: all)
     top_p: float = 1.0  # sampling: keep the smallest set of tokens with this much probability
@@ -74,6 +77,14 @@ class EngineConfig:
         _at_least("decode.max_new_tokens", self.max_new_tokens, 1, maximum=8192)
         _at_least("decode.max_draft", self.max_draft, 1, maximum=64)
         _between("decode.draft_threshold", self.draft_threshold, 0.0, 1.0)
+        alternatives = self.draft_alternatives
+        if not isinstance(alternatives, tuple) or len(alternatives) > self.max_draft:
+            raise SettingError(
+                "decode.draft_alternatives",
+                f"must be a list of at most decode.max_draft ({self.max_draft}) counts, got {alternatives!r}",
+            )
+        for count in alternatives:
+            _at_least("decode.draft_alternatives", count, 0, maximum=16)
         _at_least("decode.temperature", self.temperature, 0.0)
         _at_least("decode.top_k", self.top_k, 1, optional=True)
         if not 0.0 < self.top_p <= 1.0:

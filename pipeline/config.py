@@ -105,6 +105,8 @@ class DecodeConfig(_Section):
     twig: str | None = None  # trained twig directory or URI (decode.strategy=ssd, pruning.method=ttp)
     max_draft: int = 5  # SSD: draft tokens per round (delta)
     draft_threshold: float = 0.6  # SSD: stop drafting below this probability (theta)
+    # SSD, greedy: more twig candidates verified beside the draft at depth 1, 2, ... (a draft tree; [] a chain)
+    draft_alternatives: list[int] = Field(default_factory=lambda: list(EngineConfig.draft_alternatives))
     temperature: float = 0.0  # 0: greedy; > 0: sampling (SSD: speculative sampling, same distribution)
     top_k: int | None = None  # sampling: only the k most likely tokens
     top_p: float = 1.0  # sampling: nucleus mass
@@ -225,6 +227,7 @@ class Config(_Section):
                 ignore_eos=decode.ignore_eos,
                 max_draft=decode.max_draft,
                 draft_threshold=decode.draft_threshold,
+                draft_alternatives=tuple(decode.draft_alternatives),
                 temperature=decode.temperature,
                 top_k=decode.top_k,
                 top_p=decode.top_p,
@@ -269,10 +272,10 @@ class Config(_Section):
 
 # Keys added after schema v3 enter the fingerprint only when they change the output, so upgrading does
 # not orphan earlier output: budget_unit when it is not "kept" (the meaning budgets had before), ignore_eos
-# when it is set, the
+# when it is set, draft_alternatives when there are some, the
 # sampling keys only when sampling (at temperature 0 they change nothing).
 NEUTRAL_PRUNING = {"budget_unit": "kept"}
-NEUTRAL_DECODE = {"ignore_eos": False}
+NEUTRAL_DECODE = {"ignore_eos": False, "draft_alternatives": []}
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
 
 

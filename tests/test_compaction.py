@@ -136,7 +136,7 @@ def test_density_flag_skips_the_mask_and_tracks_holes():
     band = g.attention_mask(torch.ones(2, 2, dtype=torch.bool), block_dense=True)
     assert band.shape == (1, 1, 2, 5) and band[0, 0].tolist() == [[True] * 4 + [False], [True] * 5]
     g.advance(torch.ones(2, 2, dtype=torch.bool), block_dense=True)
-    g.drop(torch.tensor([[False, True], [False, False]]), 3, end=5)  # row 0 rejects its last slot: a hole
+    g.keep(torch.tensor([[True, False], [True, True]]), 3, end=5)  # row 0 rejects its last slot: a hole
     assert not g.dense and g.attention_mask(torch.ones(2, 1, dtype=torch.bool))[0, 0, 0].tolist() == [True] * 4 + [
         False,
         True,

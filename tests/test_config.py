@@ -102,10 +102,22 @@ def test_fingerprint_tracks_what_changes_outputs_only():
         "model.path=/m",
         "task=qa",
         "decode.ignore_eos=true",
+        "decode.draft_alternatives=[3,1]",
     ]:
         assert load_config(ROOT / "configs" / "demo.yaml", [change]).fingerprint() != base.fingerprint(), change
     # A key added later enters the hash only when set: earlier output still resumes.
     assert load_config(ROOT / "configs" / "demo.yaml", ["decode.ignore_eos=false"]).fingerprint() == base.fingerprint()
+    no_tree = load_config(ROOT / "configs" / "demo.yaml", ["decode.draft_alternatives=[]"])
+    assert no_tree.fingerprint() == base.fingerprint()
+
+
+def test_draft_alternatives_reach_the_engine_and_bad_ones_name_the_key():
+    config = load_config(ROOT / "configs" / "demo.yaml", ["decode.draft_alternatives=[3,1]"])
+    assert config.to_engine_config().draft_alternatives == (3, 1)
+    with pytest.raises(ConfigError, match="decode.draft_alternatives: must be a list of at most decode.max_draft"):
+        load_config(ROOT / "configs" / "demo.yaml", ["decode.max_draft=1", "decode.draft_alternatives=[1,1]"])
+    with pytest.raises(ConfigError, match="decode.draft_alternatives: must be >= 0"):
+        load_config(ROOT / "configs" / "demo.yaml", ["decode.draft_alternatives=[-2]"])
 
 
 def test_require_paths_names_the_missing_key():

@@ -55,18 +55,30 @@ def reference(model, twig, inputs, keep=None, finalwipe=None, max_new=8, eos=Non
 
 
 def speculative(
-    model, twig, inputs, keep=None, finalwipe=None, max_new=8, eos=None, max_draft=5, threshold=0.6, sampler=None
+    model,
+    twig,
+    inputs,
+    keep=None,
+    finalwipe=None,
+    max_new=8,
+    eos=None,
+    max_draft=5,
+    threshold=0.6,
+    sampler=None,
+    alternatives=(),
 ):
     engine, batch = inputs
-    config = EngineConfig(max_new_tokens=max_new, max_draft=max_draft, draft_threshold=threshold)
+    config = EngineConfig(
+        max_new_tokens=max_new, max_draft=max_draft, draft_threshold=threshold, draft_alternatives=alternatives
+    )
     decoder = SelfSpeculative(config, eos if eos is not None else engine.eos_token_ids, engine.pad_token_id)
     plan, pruning = ttp_plan(model, twig, keep, finalwipe)
     return decoder.generate(model, batch, plan, twig, pruning, sampler)
 
 
-def generate_both(model, twig, inputs, keep, finalwipe, max_new, eos, max_draft=5, threshold=0.6):
+def generate_both(model, twig, inputs, keep, finalwipe, max_new, eos, max_draft=5, threshold=0.6, alternatives=()):
     ar = reference(model, twig, inputs, keep, finalwipe, max_new, eos)
-    ssd = speculative(model, twig, inputs, keep, finalwipe, max_new, eos, max_draft, threshold)
+    ssd = speculative(model, twig, inputs, keep, finalwipe, max_new, eos, max_draft, threshold, None, alternatives)
     return ar, ssd, ssd.stats
 
 
@@ -196,6 +208,76 @@ def test_always_accept_when_the_twig_is_the_rest_of_the_base(tiny):
     assert int(stats.drafted.sum()) > 0 and torch.equal(stats.accepted, stats.drafted)
     # Rounds: every round accepts 4 drafts + 1 bonus until the end (20 tokens = first + 19 more).
     assert stats.rounds.tolist() == [4] * 4
+
+
+ALTERNATIVES = [(3, 1), (2, 2, 2), (1,)]  # extra candidates verified beside d_1, d_2, ...
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_ssd_with_alternatives_equals_greedy(tiny, monkeypatch, fold, batch):
+    """Draft trees (alternatives beside the chain's first drafts) keep SSD's output the base's own, with
+    and without TTP and FinalWipe, folded prefill or not, and rows accepting different paths."""
+    monkeypatch.setattr(SelfSpeculative, "fold_prefill", fold)
+    model, processor = tiny("llava")
+    n_layers = len(text_model(model).layers)
+    twig = grow_twig(model, K=1, T=2)
+    inputs = batch_inputs(model, processor, range(200 + batch, 200 + 2 * batch))
+    segments = torch.tensor(inputs[1].segments)
+    grid = [(None, None, (3, 0.0, 13)), (3, None, (5, 0.6, 17)), (12, -1, (3, 0.0, 15))]
+    for i, (budget, finalwipe, (max_draft, threshold, max_new)) in enumerate(grid):
+        keep = None if budget is None else budget * segments
+        finalwipe = None if finalwipe is None else n_layers + finalwipe
+        alternatives = ALTERNATIVES[i % len(ALTERNATIVES)]
+        ar, tree, stats = generate_both(
+            model, twig, inputs, keep, finalwipe, max_new, None, max_draft, threshold, alternatives
+        )
+        assert_same(ar, tree)
+        assert bool((stats.accepted <= stats.drafted + stats.rounds).all())
+
+
+class SecondChoiceHead(nn.Module):
+    """Stub twig head: the wrapped head's logits with ``token`` made the first choice, so the real first
+    choice comes second (an alternative)."""
+
+    def __init__(self, head: nn.Module, token: int):
+        super().__init__()
+        self.head, self.token = head, token
+
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        logits[..., self.token] = logits.max(dim=-1).values + 10.0
+        return logits
+
+
+def test_an_alternative_is_accepted_where_the_first_draft_is_rejected(tiny):
+    """A twig that is the rest of the base, except that its first choice is always a token the base never
+    says: the chain accepts nothing, and with one alternative each round accepts it (2 tokens a round)."""
+    model, processor = tiny("llava")
+    n_layers = len(text_model(model).layers)
+    twig = grow_twig(model, K=1, T=n_layers - 1)
+    inputs = batch_inputs(model, processor, range(50, 53))
+    ar = reference(model, twig, inputs, max_new=10)
+    unused = next(t for t in range(model.config.text_config.vocab_size) if t not in ar.tokens.flatten().tolist())
+    twig.head = SecondChoiceHead(twig.head, unused)
+    _, chain, stats = generate_both(model, twig, inputs, None, None, 10, None, max_draft=1, threshold=0.0)
+    assert_same(ar, chain)
+    assert int(stats.accepted.sum()) == 0
+    _, tree, stats = generate_both(model, twig, inputs, None, None, 10, None, 1, 0.0, alternatives=(1,))
+    assert_same(ar, tree)
+    finished_early = ar.lengths < 10  # a row that hit EOS may end mid-round
+    assert bool(((stats.accepted == stats.rounds) | finished_early).all()) and int(stats.accepted.sum()) > 0
+    assert bool(((stats.rounds == 5) | finished_early).all())
+
+
+def test_alternatives_are_validated():
+    with pytest.raises(ValueError, match="decode.draft_alternatives"):
+        EngineConfig(max_draft=2, draft_alternatives=(1, 1, 1))
+    with pytest.raises(ValueError, match="decode.draft_alternatives"):
+        EngineConfig(draft_alternatives=(-1,))
+    with pytest.raises(ValueError, match="decode.draft_alternatives"):
+        EngineConfig(draft_alternatives=[1])
+    assert EngineConfig(draft_alternatives=(3, 0, 1)).draft_alternatives == (3, 0, 1)
 
 
 class FixedHead(nn.Module):

@@ -112,10 +112,16 @@ class _Draft:
 
     tokens: torch.Tensor  # [B, max_draft] drafts (pad beyond n)
     n: torch.Tensor  # [B] drafts per row
-    hidden: torch.Tensor  # [B, W, D] layer-K states of inputs pending, d_1, ..., d_{W-1} (folded round: no pending)
-    valid: torch.Tensor  # [B, W] which of those inputs each row fed
+    hidden: torch.Tensor  # [B, W, D] layer-K states of inputs pending, then the C draft slots (folded: no pending)
+    valid: torch.Tensor  # [B, W] which of those inputs each row fed (alternatives: never, they are leaves)
     dense: bool  # every row fed every one of those inputs (known on the host: no mask needed for holes)
     probs: list[torch.Tensor]  # sampling: the twig's distribution [B, V] at each draft step (greedy: none)
+    # The C draft slots, in cache order: at each depth j its alternatives, then d_j (``_draft``).
+    depth: torch.Tensor  # [C] depth j of each slot (1-based: d_j's position after pending)
+    chain: torch.Tensor  # [C] bool: the slot holds d_j (False: an alternative to d_j, a leaf)
+    slot_tokens: torch.Tensor  # [B, C] each slot's token
+    candidate: torch.Tensor  # [B, C] the slot holds a token the row drafted (d_j with j <= n, or its alternatives)
+    chain_list: list[bool]  # ``chain`` on the host (where holes are, without a device read)
 
 
 class SelfSpeculative(Decoder):
@@ -165,7 +171,6 @@ class SelfSpeculative(Decoder):
             position, first_logits = state.next_position.clone(), None  # [B] position of `pending`
             features = state.last_hidden if twig.base_features else None
         groups: list[CacheGroup] = [*state.base.groups, *state.twig.groups]
-        steps = torch.arange(self.config.max_draft + 1, device=device)
 
         while finished < len(rows):
             active = ~out.done[rows]
@@ -182,8 +187,9 @@ class SelfSpeculative(Decoder):
                 first_logits,
                 features,
             )
-            width = draft.hidden.shape[1] + (first_logits is not None)  # the folded round has no pending input
-            block_pos = position[:, None] + steps[None, :width]  # [B, W]: pending, d_1, ..., d_{W-1}
+            slots = draft.depth.shape[0]  # C draft slots (chain drafts and their alternatives)
+            depth = torch.cat([draft.depth.new_zeros(1), draft.depth])  # [1 + C]: pending (or the prompt), slots
+            block_pos = position[:, None] + depth[None]  # [B, 1 + C]
             if state.deferred is not None:  # the prompt's deep layers and the first verification, one pass
                 verify, final = finish_prefill(
                     model, lm, state, plan, capacity, draft.hidden, block_pos[:, 1:], draft.valid
@@ -193,31 +199,36 @@ class SelfSpeculative(Decoder):
                 t1 = time.perf_counter()  # prefill_s: up to the first tokens (time to first token)
             else:
                 verify, final = self._verify(model, lm, state, draft.hidden, block_pos, draft.valid, draft.dense)
-            accepted, bonus = self._accept(draft, verify, steps, sampler)
+            accepted, bonus, last, keep = self._accept(draft, verify, sampler)
             accepted = torch.where(active, accepted, 0)
-            # Emit d_1..d_accepted and the bonus: the drafts with the bonus written after the accepted ones.
-            block = torch.cat([draft.tokens[:, : width - 1], bonus[:, None]], dim=1)
-            block.scatter_(1, accepted[:, None], bonus[:, None])
-            out.emit(rows, block, torch.where(active, accepted + 1, 0))
+            keep &= active[:, None]
+            # Emit the accepted path (drafts d_1..d_a, perhaps an alternative after them) and the bonus.
+            chain_len = draft.tokens.shape[1]
+            path = torch.cat([draft.tokens, bonus[:, None]], dim=1)  # [B, max_draft + 1]
+            alternative = (draft.slot_tokens * (keep & ~draft.chain[None])).sum(dim=1)  # [B] its token, if kept
+            chained = (keep & draft.chain[None]).sum(dim=1)
+            path.scatter_(1, chained[:, None].clamp(max=chain_len), alternative[:, None])
+            path.scatter_(1, accepted[:, None].clamp(max=chain_len), bonus[:, None])
+            out.emit(rows, path, torch.where(active, accepted + 1, 0))
             stats.drafted[rows] += torch.where(active, draft.n, 0)
             stats.accepted[rows] += accepted
             stats.rounds[rows] += active.long()
-            # The round's one host sync: rows finished, the most drafts any row kept, the fewest.
+            # The round's one host sync: rows finished, the most slots any row holds, the fewest.
+            last = torch.where(active, last, 0)
             finished, held, fewest = torch.stack(
-                [out.done[rows].sum(), accepted.max(), torch.where(active, accepted, -1).min()]
+                [out.done[rows].sum(), last.max(), torch.where(active, last, -1).min()]
             ).tolist()
-            # Every group's last W-1 slots are d_1..d_{W-1}; those after a row's accepted drafts go, and
-            # the trailing ones no row holds are returned (``held`` says where, without a device read).
-            # No hole is left when every row ran and kept as many as the others.
-            drafts_valid = draft.valid[:, draft.valid.shape[1] - (width - 1) :]
-            rejected = drafts_valid & (steps[None, 1:width] > accepted[:, None])
+            # Every group's last C slots are this round's; each row keeps its accepted path and the
+            # trailing slots no row holds are returned (``held`` says where, without a device read).
+            # No hole is left when every row ran and kept as many leading drafts as the others.
+            holes = fewest < held or not all(draft.chain_list[:held])
             for group in groups:
-                start = group.length - (width - 1)
-                group.drop(rejected, start, end=start + held, holes=fewest < held)
+                start = group.length - slots
+                group.keep(keep, start, end=start + held, holes=holes)
             pending, first_logits = bonus, None
             position = position + accepted + 1
-            if twig.base_features:  # the base's state where it chose `bonus`: after the accepted drafts
-                features = final[torch.arange(len(rows), device=device), accepted]  # [B, D]
+            if twig.base_features:  # the base's state where it chose `bonus`: after the accepted path
+                features = final[torch.arange(len(rows), device=device), last]  # [B, D]
             if self.drop_finished and should_compact(finished, len(rows)):
                 keep = (~out.done[rows]).nonzero().flatten()
                 for group in groups:
@@ -249,18 +260,28 @@ class SelfSpeculative(Decoder):
         ``first_logits`` [B, N] (the twig's at the last prompt token, which is already cached) there
         is no pending input: d_1 is drawn from them and the inputs are d_1, ..., d_n.
 
+        Alternatives (greedy; ``config.draft_alternatives[j - 1]`` of them at depth j): the twig's next
+        most likely tokens after d_j, fed in one block just before d_j, at its position. They are leaves
+        of a draft tree: written as invalid slots, they see what d_j sees and themselves (a query always
+        sees itself), and nothing sees them. The verification scores them with the rest, and where the
+        base rejects d_j it may accept one of them instead. A block of a few tokens costs about one on a
+        CPU with packed linears (``jobs/bench_cpu_linear.py``), so they add little to a round.
+
         ``active`` [B] the rows still generating (``all_active``: every row, known on the host),
         ``lengths`` [B] their tokens so far; ``features`` [B, D] the base's final state before
         ``pending``, for a twig that reads it (its first input only). One host sync per draft step:
         how many rows feed it (whether to stop, and whether the step's block has holes)."""
         max_draft, size, device = self.config.max_draft, position.shape[0], position.device
+        alternatives = self.config.draft_alternatives if sampler.greedy else ()
         eos = torch.tensor(self.eos_token_ids, device=device)
         cap = (self.max_new_tokens - lengths - 1).clamp(min=0, max=max_draft)  # drafts that can still be emitted
         tokens = torch.full((size, max_draft), self.pad_token_id, dtype=torch.long, device=device)
         n = torch.zeros(size, dtype=torch.long, device=device)
         drafting = active & (cap > 0)
         token = pending if pending is not None else torch.full_like(n, self.pad_token_id)
+        others = token.new_zeros(size, 0)  # [B, S] alternatives to the next input `token`
         hidden_steps, valid_steps, draft_probs, dense = [], [], [], True
+        depths, chain, slot_tokens, candidates = [], [], [], []
         for j in range(max_draft + 1):
             running = active & (n >= j)  # row b feeds input j while j <= n_b
             feeding = size if j == 0 and all_active else int(running.sum())
@@ -269,11 +290,13 @@ class SelfSpeculative(Decoder):
             if j == 0 and first_logits is not None:
                 logits = first_logits
             else:
-                step_valid = running[:, None]
-                step_dense = feeding == size
+                width = others.shape[1]
+                block = torch.cat([others, token[:, None]], dim=1)  # [B, S + 1]: alternatives, then the input
+                step_valid = torch.cat([torch.zeros_like(others, dtype=torch.bool), running[:, None]], dim=1)
+                step_dense = feeding == size and width == 0
                 dense &= step_dense
-                step_pos = (position + j)[:, None]
-                embeds = lm.embed_tokens(token)[:, None]  # [B, 1, D]
+                step_pos = (position + j)[:, None].expand(-1, width + 1)
+                embeds = lm.embed_tokens(block)  # [B, S + 1, D]
                 hidden_k = _run_groups(lm, embeds, step_pos, step_valid, state.base, state.shallow, step_dense)
                 twig_group = state.twig.groups[0]
                 # The base verifies hidden_k itself; only the twig's input gets the base features.
@@ -291,14 +314,21 @@ class SelfSpeculative(Decoder):
                 )
                 hidden_steps.append(hidden_k)
                 valid_steps.append(step_valid)
+                if j > 0:  # draft slots: d_j and its alternatives, candidates where the row drafted d_j
+                    depths += [j] * (width + 1)
+                    chain += [False] * width + [True]
+                    slot_tokens.append(block)
+                    candidates.append((n >= j)[:, None].expand(-1, width + 1))
                 if j == max_draft:
                     break  # this input only feeds the caches and the verification: no head
                 # The head scores the twig's draft vocabulary (N <= V ids): index [B] -> base id via full_ids.
                 logits = twig.head(twig.norm(hidden[:, -1])).float()  # [B, N]
             make = drafting & running & (n < cap)
+            extra = alternatives[j] if j < len(alternatives) else 0  # alternatives to d_{j+1}
             if sampler.greedy:
                 probs = logits.softmax(dim=-1)
-                index = probs.argmax(dim=-1)
+                top = probs.topk(min(extra + 1, probs.shape[-1]), dim=-1).indices  # [B, 1 + S]
+                index, others = top[:, 0], twig.full_ids(top[:, 1:])
             else:
                 probs = sampler.probs(logits)
                 index = sampler.categorical(probs, rows=make)
@@ -309,10 +339,16 @@ class SelfSpeculative(Decoder):
             low = probs.gather(1, index[:, None])[:, 0] < self.config.draft_threshold
             drafting &= make & ~low & ~torch.isin(candidate, eos)
             token = torch.where(make, candidate, token)
+        layout = _layout(depths, chain, device)
         if not hidden_steps:  # folded round without a draft: the verification is the prompt's alone
             empty = state.twig_last.new_zeros(size, 0, state.twig_last.shape[-1])
-            return _Draft(tokens, n, empty, active[:, None][:, :0], True, draft_probs)
-        return _Draft(tokens, n, torch.cat(hidden_steps, dim=1), torch.cat(valid_steps, dim=1), dense, draft_probs)
+            no_slots = n.new_zeros(size, 0)
+            none_fed = active[:, None][:, :0]
+            return _Draft(tokens, n, empty, none_fed, True, draft_probs, *layout, no_slots, no_slots > 0, chain)
+        slots = torch.cat(slot_tokens, dim=1) if slot_tokens else n.new_zeros(size, 0)
+        held = torch.cat(candidates, dim=1) if candidates else slots > 0
+        hidden, valid = torch.cat(hidden_steps, dim=1), torch.cat(valid_steps, dim=1)
+        return _Draft(tokens, n, hidden, valid, dense, draft_probs, *layout, slots, held, chain)
 
     @staticmethod
     def _verify(
@@ -325,18 +361,42 @@ class SelfSpeculative(Decoder):
         return base_logits(model, final), final
 
     @staticmethod
-    def _accept(draft: _Draft, verify: torch.Tensor, steps: torch.Tensor, sampler: Sampler):
-        """(accepted drafts [B], the base's next token [B])."""
-        width = verify.shape[1]
-        if not sampler.greedy:
-            q = torch.stack(draft.probs[: width - 1], dim=1) if width > 1 else verify[:, :0]
-            return rejection_sample(draft.tokens[:, : width - 1], draft.n, q, sampler.probs(verify), sampler)
-        # Accept each row's longest prefix of drafts the base agrees with, plus its next token.
-        target = verify.argmax(dim=-1)  # [B, W]
-        drafted = steps[None, : width - 1] < draft.n[:, None]
-        matches = (draft.tokens[:, : width - 1] == target[:, : width - 1]) & drafted
-        accepted = matches.long().cumprod(dim=1).sum(dim=1) if width > 1 else torch.zeros_like(draft.n)
-        return accepted, target.gather(1, accepted[:, None])[:, 0]
+    def _accept(draft: _Draft, verify: torch.Tensor, sampler: Sampler):
+        """The round's outcome per row: (accepted drafts [B], the base's next token [B], the verify index
+        of the last kept input [B] (0: pending, or the prompt's last token), the draft slots kept [B, C]).
+
+        ``verify`` [B, 1 + C, V]: the base's logits after pending (or the prompt) and after each slot."""
+        chain_cols = draft.chain.nonzero().flatten()  # [n_max] slot of d_j, j = 1..n_max
+        n_max = chain_cols.numel()
+        if not sampler.greedy:  # a chain (no alternatives): slot j - 1 holds d_j
+            q = torch.stack(draft.probs[:n_max], dim=1) if n_max else verify[:, :0]
+            accepted, bonus = rejection_sample(draft.tokens[:, :n_max], draft.n, q, sampler.probs(verify), sampler)
+            keep = draft.candidate & (draft.depth[None] <= accepted[:, None])
+            return accepted, bonus, accepted, keep
+        target = verify.argmax(dim=-1)  # [B, 1 + C]
+        if not draft.chain_list:  # nothing drafted: the base's next token after pending
+            none = draft.n.new_zeros(draft.n.shape)
+            return none, target[:, 0], none, draft.candidate
+        # The base's choice after a slot's parent (pending for depth 1, else d_{j-1}) against its token.
+        parent = torch.cat([chain_cols.new_zeros(1), chain_cols + 1])[draft.depth - 1]  # [C] verify index
+        match = (draft.slot_tokens == target[:, parent]) & draft.candidate  # [B, C]
+        # Each row's longest prefix of drafts the base agrees with, then perhaps one alternative to the first
+        # rejected draft (distinct tokens: at most one matches), then the base's own next token.
+        chained = match[:, chain_cols].long().cumprod(dim=1).sum(dim=1)  # [B]
+        alternative = match & ~draft.chain[None] & (draft.depth[None] == chained[:, None] + 1)  # [B, C]
+        hit = alternative.any(dim=1)
+        after_chain = torch.where(chained > 0, chain_cols[(chained - 1).clamp(min=0)] + 1, 0) if n_max else chained
+        last = torch.where(hit, alternative.long().argmax(dim=1) + 1, after_chain)  # [B] verify index
+        keep = (draft.chain[None] & (draft.depth[None] <= chained[:, None]) & draft.candidate) | alternative
+        return chained + hit.long(), target.gather(1, last[:, None])[:, 0], last, keep
+
+
+def _layout(depths: list[int], chain: list[bool], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A round's draft-slot layout as tensors: depth [C] and chain [C] (``_Draft``)."""
+    return (
+        torch.tensor(depths, dtype=torch.long, device=device),
+        torch.tensor(chain, dtype=torch.bool, device=device),
+    )
 
 
 def can_fold(plan: LayerPlan, pruning: InLLMPruning | None) -> bool:
