@@ -148,8 +148,10 @@ class SelfSpeculative(Decoder):
         lm = text_model(model)
         device, size = batch.embeds.device, len(batch)
         t0 = time.perf_counter()
-        # Worst case a round writes max_draft + 1 slots and keeps one: size the caches for it.
-        capacity = (self.max_new_tokens + 1) * (self.config.max_draft + 1)
+        # Worst case a round writes max_draft + 1 slots plus the alternatives, and a row keeps only its
+        # last one (an alternative after holes) while another row keeps none: size the caches for it.
+        round_slots = self.config.max_draft + 1 + sum(self.config.draft_alternatives)
+        capacity = (self.max_new_tokens + 1) * round_slots
         fold = self.fold_prefill and can_fold(plan, pruning)
         state = prefill(model, batch, plan, capacity, twig, pruning, defer_deep=fold)
         out = _Output(size, self.max_new_tokens, self.eos_token_ids, self.pad_token_id, device)
