@@ -7,7 +7,9 @@ layers from K on then verifies every row's drafts. Each row accepts its own long
 plus the base's next token (sampling: the min(1, p/q) rule with residual resampling). Rejected
 drafts become holes in every cache (per-row validity) and trailing holes are trimmed, so rows never
 wait on each other's bookkeeping, and the output is the base's own: token for token greedy, or
-distributed as the base's samples.
+distributed as the base's samples. Greedy SSD may also verify, beside the first drafts, the twig's next
+most likely tokens as leaves of a draft tree (``draft_alternatives``, see ``_draft``): where the base
+rejects a draft and agrees with one of them, that one is accepted instead.
 
 As in TwigVLM (its Algorithm 1) the prefill stops after layer K and the twig: the first drafts come
 from the twig's logits at the last prompt token, and one pass of the deep layers over [prompt, drafts]
@@ -348,9 +350,9 @@ class SelfSpeculative(Decoder):
             none_fed = active[:, None][:, :0]
             return _Draft(tokens, n, empty, none_fed, True, draft_probs, *layout, no_slots, no_slots > 0, chain)
         slots = torch.cat(slot_tokens, dim=1) if slot_tokens else n.new_zeros(size, 0)
-        held = torch.cat(candidates, dim=1) if candidates else slots > 0
+        drafted = torch.cat(candidates, dim=1) if candidates else slots > 0
         hidden, valid = torch.cat(hidden_steps, dim=1), torch.cat(valid_steps, dim=1)
-        return _Draft(tokens, n, hidden, valid, dense, draft_probs, *layout, slots, held, chain)
+        return _Draft(tokens, n, hidden, valid, dense, draft_probs, *layout, slots, drafted, chain)
 
     @staticmethod
     def _verify(
