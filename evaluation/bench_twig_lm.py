@@ -406,6 +406,7 @@ def train(args, parser) -> int:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params"
     )
     half = half_copy(model, torch.bfloat16) if args.teacher_dtype == "bfloat16" else model
+    held_prompts = read_prompts(args.prompts)
     records = instructions.build(args.instructions, args.seed)
     if args.evals_prompts:  # first, so a generation stopped early has them (validation stays the last ones)
         from training.eval_prompts import EVALS_WHEEL, evals_prompts
@@ -421,9 +422,15 @@ def train(args, parser) -> int:
         path = args.out / "self_instructions.jsonl"
         log(f"{args.self_instructions} requests written by the base itself (training.self_instruct) -> {path}")
         taken = {r["text"] for r in records}
-        held_out = read_prompts(args.prompts)
         written = self_instruct.sample_requests(
-            half, tokenizer, args.self_instructions, args.seed, args.data_batch, exclude=held_out, path=path, log=log
+            half,
+            tokenizer,
+            args.self_instructions,
+            args.seed,
+            args.data_batch,
+            exclude=held_prompts,
+            path=path,
+            log=log,
         )
         records = [r for r in written if r["text"] not in taken] + records
     data_path = args.data or args.out / "replies.jsonl"
@@ -440,7 +447,6 @@ def train(args, parser) -> int:
     train_set = conversations_of(records[: len(records) - len(validation)])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "validation_prompts.txt").write_text("".join(r["text"].replace("\n", "\\n") + "\n" for r in validation))
-    held_prompts = read_prompts(args.prompts)
     held_replies = greedy_replies(model, tokenizer, held_prompts, args.max_new_tokens, batch=16)
     held = [
         encode(processor, c)

@@ -203,22 +203,14 @@ class SelfSpeculative(Decoder):
                 t1 = time.perf_counter()  # prefill_s: up to the first tokens (time to first token)
             else:
                 verify, final = self._verify(model, lm, state, draft.hidden, block_pos, draft.valid, draft.dense)
-            accepted, bonus, last, keep = self._accept(draft, verify, sampler)
+            # Rows not generating drafted nothing: they accept and keep nothing (last = 0).
+            accepted, bonus, last, keep, path = self._accept(draft, verify, sampler)
             accepted = torch.where(active, accepted, 0)
-            keep &= active[:, None]
-            # Emit the accepted path (drafts d_1..d_a, perhaps an alternative after them) and the bonus.
-            chain_len = draft.tokens.shape[1]
-            path = torch.cat([draft.tokens, bonus[:, None]], dim=1)  # [B, max_draft + 1]
-            alternative = (draft.slot_tokens * (keep & ~draft.chain[None])).sum(dim=1)  # [B] its token, if kept
-            chained = (keep & draft.chain[None]).sum(dim=1)
-            path.scatter_(1, chained[:, None].clamp(max=chain_len), alternative[:, None])
-            path.scatter_(1, accepted[:, None].clamp(max=chain_len), bonus[:, None])
             out.emit(rows, path, torch.where(active, accepted + 1, 0))
             stats.drafted[rows] += torch.where(active, draft.n, 0)
             stats.accepted[rows] += accepted
             stats.rounds[rows] += active.long()
             # The round's one host sync: rows finished, the most slots any row holds, the fewest.
-            last = torch.where(active, last, 0)
             finished, held, fewest = torch.stack(
                 [out.done[rows].sum(), last.max(), torch.where(active, last, -1).min()]
             ).tolist()
@@ -367,20 +359,24 @@ class SelfSpeculative(Decoder):
     @staticmethod
     def _accept(draft: _Draft, verify: torch.Tensor, sampler: Sampler):
         """The round's outcome per row: (accepted drafts [B], the base's next token [B], the verify index
-        of the last kept input [B] (0: pending, or the prompt's last token), the draft slots kept [B, C]).
+        of the last kept input [B] (0: pending, or the prompt's last token), the draft slots kept [B, C],
+        the tokens to emit [B, max_draft + 1]: the accepted path, then the base's next token).
 
         ``verify`` [B, 1 + C, V]: the base's logits after pending (or the prompt) and after each slot."""
-        chain_cols = draft.chain.nonzero().flatten()  # [n_max] slot of d_j, j = 1..n_max
+        # Slot of d_j, j = 1..n_max, from the host-side layout: no device read.
+        chain_cols = torch.tensor(
+            [i for i, is_chain in enumerate(draft.chain_list) if is_chain], dtype=torch.long, device=verify.device
+        )
         n_max = chain_cols.numel()
         if not sampler.greedy:  # a chain (no alternatives): slot j - 1 holds d_j
             q = torch.stack(draft.probs[:n_max], dim=1) if n_max else verify[:, :0]
             accepted, bonus = rejection_sample(draft.tokens[:, :n_max], draft.n, q, sampler.probs(verify), sampler)
             keep = draft.candidate & (draft.depth[None] <= accepted[:, None])
-            return accepted, bonus, accepted, keep
+            return accepted, bonus, accepted, keep, _path(draft.tokens, accepted, bonus)
         target = verify.argmax(dim=-1)  # [B, 1 + C]
-        if not draft.chain_list:  # nothing drafted: the base's next token after pending
+        if not n_max:  # nothing drafted: the base's next token after pending
             none = draft.n.new_zeros(draft.n.shape)
-            return none, target[:, 0], none, draft.candidate
+            return none, target[:, 0], none, draft.candidate, _path(draft.tokens, none, target[:, 0])
         # The base's choice after a slot's parent (pending for depth 1, else d_{j-1}) against its token.
         parent = torch.cat([chain_cols.new_zeros(1), chain_cols + 1])[draft.depth - 1]  # [C] verify index
         match = (draft.slot_tokens == target[:, parent]) & draft.candidate  # [B, C]
@@ -389,10 +385,23 @@ class SelfSpeculative(Decoder):
         chained = match[:, chain_cols].long().cumprod(dim=1).sum(dim=1)  # [B]
         alternative = match & ~draft.chain[None] & (draft.depth[None] == chained[:, None] + 1)  # [B, C]
         hit = alternative.any(dim=1)
-        after_chain = torch.where(chained > 0, chain_cols[(chained - 1).clamp(min=0)] + 1, 0) if n_max else chained
-        last = torch.where(hit, alternative.long().argmax(dim=1) + 1, after_chain)  # [B] verify index
+        column = alternative.long().argmax(dim=1)  # [B] the kept alternative's slot, where ``hit``
+        after_chain = torch.where(chained > 0, chain_cols[(chained - 1).clamp(min=0)] + 1, 0)
+        last = torch.where(hit, column + 1, after_chain)  # [B] verify index
         keep = (draft.chain[None] & (draft.depth[None] <= chained[:, None]) & draft.candidate) | alternative
-        return chained + hit.long(), target.gather(1, last[:, None])[:, 0], last, keep
+        accepted, bonus = chained + hit.long(), target.gather(1, last[:, None])[:, 0]
+        path = _path(draft.tokens, accepted, bonus)
+        # The alternative goes after the accepted drafts; without one the bonus is already there.
+        path.scatter_(
+            1, chained[:, None], torch.where(hit, draft.slot_tokens.gather(1, column[:, None])[:, 0], bonus)[:, None]
+        )
+        return accepted, bonus, last, keep, path
+
+
+def _path(tokens: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+    """[B, max_draft + 1]: each row's drafts with the base's next token written after its accepted ones."""
+    path = torch.cat([tokens, bonus[:, None]], dim=1)
+    return path.scatter_(1, accepted[:, None], bonus[:, None])
 
 
 def _layout(depths: list[int], chain: list[bool], device) -> tuple[torch.Tensor, torch.Tensor]:
