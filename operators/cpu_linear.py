@@ -28,7 +28,6 @@ from torch import nn
 
 from operators.settings import CPU_LINEAR_KERNELS
 
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # Below this much linear weight (model and twig together) the weights stay in this CPU's caches, where
 # oneDNN's cost per call (about 30 us, against 8-30 us for PyTorch's own at one row) outweighs what it
 # saves: the 10 MB demo model decodes 20-30 % slower packed (BENCHMARKS.md, "Packed CPU linears").
@@ -51,6 +50,21 @@ def packing_available() -> bool:
     return bool(torch.allclose(y, F.linear(x, weight, bias), atol=1e-5))
 
 
+@functools.cache
+def packed_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes oneDNN packs on this CPU: float32 wherever packing is available, bfloat16 only
+    where its bf16 path runs (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on an AVX2-only CPU such as an AMD
+    Zen 1 the reorder raises). Other weights keep ``F.linear``."""
+    if not packing_available():
+        return ()
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        bf16 = bool(supported()) if supported is not None else False
+    except RuntimeError:
+        bf16 = False
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
 class PackedLinear(nn.Module):
     """An ``nn.Linear``'s parameters, computed through a oneDNN-packed copy of its weight."""
 
@@ -69,7 +83,7 @@ class PackedLinear(nn.Module):
 
     def _repack(self) -> bool:
         w = self.weight
-        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES:
+        if w.device.type != "cpu" or w.dtype not in packed_dtypes():
             self._packed, self._packed_for = None, None
             return False
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
@@ -95,15 +109,16 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(module: nn.Module) -> int:
-    """Replace every CPU ``nn.Linear`` (fp32 or bf16) under ``module`` by a :class:`PackedLinear`, in
-    place; returns how many. Nothing happens where :func:`packing_available` is false, and packing
-    twice is harmless."""
-    if not packing_available():
+    """Replace every CPU ``nn.Linear`` of a dtype this CPU packs (:func:`packed_dtypes`: fp32, and bf16
+    where supported) under ``module`` by a :class:`PackedLinear`, in place; returns how many. Nothing
+    happens where :func:`packing_available` is false, and packing twice is harmless."""
+    dtypes = packed_dtypes()
+    if not dtypes:
         return 0
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in PACKED_DTYPES:
+            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in dtypes:
                 setattr(parent, name, PackedLinear(child))
                 count += 1
     return count

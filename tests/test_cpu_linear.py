@@ -14,12 +14,14 @@ from torch import nn
 from torch.testing import assert_close
 
 from evaluation.bench_twig_lm import compare
+from operators import cpu_linear
 from operators.cpu_linear import (
     MIN_PACKED_BYTES,
     PackedLinear,
     apply_cpu_linear,
     linear_bytes,
     pack_linears,
+    packed_dtypes,
     packing_available,
 )
 from operators.language_model import base_logits
@@ -66,6 +68,7 @@ def test_packed_linear_matches_f_linear_for_any_row_count_and_shape(dtype):
     generator = torch.Generator().manual_seed(0)
     linear = nn.Linear(48, 80).to(dtype)
     packed = PackedLinear(linear)
+    assert (packed._packed is not None) == (dtype in packed_dtypes())  # bf16: packed where the CPU can
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for shape in [(1, 48), (3, 48), (2, 5, 48), (1, 1, 48)]:
         x = torch.randn(shape, generator=generator).to(dtype)
@@ -73,6 +76,23 @@ def test_packed_linear_matches_f_linear_for_any_row_count_and_shape(dtype):
             y = packed(x)
         assert y.shape == (*shape[:-1], 80) and y.dtype == dtype
         assert_close(y, F.linear(x, linear.weight, linear.bias), atol=tolerance, rtol=tolerance)
+
+
+def test_bf16_is_packed_only_where_this_cpu_runs_onednn_bf16(monkeypatch):
+    # An AVX2-only CPU (AMD Zen 1) has no oneDNN bf16 path: reordering a bf16 weight raises there.
+    # Such a CPU must keep bf16 linears on F.linear rather than crash the job.
+    assert torch.float32 in packed_dtypes()
+    expected = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert (torch.bfloat16 in packed_dtypes()) == expected
+    monkeypatch.setattr(cpu_linear, "packed_dtypes", lambda: (torch.float32,))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4).to(torch.bfloat16))
+    assert pack_linears(model) == 1
+    assert type(model[0]) is PackedLinear and type(model[1]) is nn.Linear
+    wrapped = PackedLinear(nn.Linear(8, 4).to(torch.bfloat16))  # made by hand: it must fall back, not raise
+    assert wrapped._packed is None
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), F.linear(x, wrapped.weight, wrapped.bias))
 
 
 def test_training_an_in_place_change_and_another_dtype_fall_back_or_repack():
