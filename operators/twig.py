@@ -190,6 +190,38 @@ def restrict_vocab(twig: Twig, draft_vocab: torch.Tensor) -> Twig:
     return twig
 
 
+def extend_vocab(twig: Twig, base_head: nn.Module, extra_ids: torch.Tensor) -> Twig:
+    """Add ``extra_ids`` (full ids [M], distinct, none already drafted) to a restricted ``twig``'s head,
+    in place, after its current rows. The new rows start as ``base_head``'s (the base's LM head, where
+    every twig head starts), so the rows a trained twig learnt are kept and the new tokens can be drafted
+    at once; training refines them. A vocabulary chosen on one kind of text misses tokens of another
+    (the committed SmolLM2 twig's 4,096, chosen on its template-built replies, lacked 15 % of the tokens of
+    its replies to hand-written requests): this widens it without starting over."""
+    if twig.draft_vocab is None:
+        raise ValueError("the twig's head already scores the full vocabulary")
+    ids = extra_ids.to(dtype=torch.long, device=twig.head.weight.device).reshape(-1)
+    if len(torch.unique(ids)) != len(ids) or (len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= twig.vocab_size)):
+        raise ValueError(f"extra draft ids must be distinct ids below {twig.vocab_size}")
+    if bool((twig.draft_index(ids) >= 0).any()):
+        raise ValueError("some extra ids are already in the draft vocabulary")
+    old, weight = twig.head, base_head.weight
+    if weight.shape != (twig.vocab_size, old.in_features):
+        raise ValueError(f"base head of shape {tuple(weight.shape)}, expected {(twig.vocab_size, old.in_features)}")
+    bias = getattr(base_head, "bias", None)
+    head = nn.Linear(
+        old.in_features, len(twig.draft_vocab) + len(ids), bias=old.bias is not None, device=old.weight.device
+    ).to(old.weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.cat([old.weight, weight[ids].to(old.weight)]))
+        if old.bias is not None:
+            added = bias[ids].to(old.bias) if bias is not None else old.bias.new_zeros(len(ids))
+            head.bias.copy_(torch.cat([old.bias, added]))
+    head.requires_grad_(old.weight.requires_grad)
+    twig.head = head
+    twig.draft_vocab = torch.cat([twig.draft_vocab, ids])
+    return twig
+
+
 def causal_mask(valid: torch.Tensor) -> torch.Tensor | None:
     """Bool attention mask [B, 1, S, S] for rows with padding valid [B, S] (True = real token).
 

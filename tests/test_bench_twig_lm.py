@@ -15,6 +15,7 @@ from evaluation.bench_twig_lm import (
     TextProcessor,
     compare,
     engine_inputs,
+    extend_to_replies,
     greedy_decode,
     greedy_replies,
     half_twig,
@@ -87,6 +88,32 @@ def test_a_draft_vocabulary_from_the_base_replies_keeps_ssd_identical():
     assert report["size"] == 6 == twig.head.out_features and 0 < report["coverage"] <= 1
     assert tokenizer.eos_token_id in twig.draft_vocab.tolist()
     rows = compare(model, twig, tokenizer, PROMPTS, [1, 3], max_new_tokens=12, label="small vocab")
+    assert all(r["identical"] for r in rows)
+
+
+def test_a_widened_draft_vocabulary_takes_the_replies_missing_tokens_and_keeps_ssd_identical():
+    """--draft-vocab above an --init-twig's size: the most frequent reply tokens it lacks join its head."""
+    model, tokenizer = tiny_llama(seed=2, num_hidden_layers=6)
+    processor = TextProcessor(tokenizer)
+    replies = greedy_replies(model, tokenizer, PROMPTS, max_new_tokens=8, batch=4)
+    conversations = [Conversation(f"c{n}", [(p, r)]) for n, (p, r) in enumerate(zip(PROMPTS, replies, strict=True))]
+    twig = grow_twig(model, K=2, T=4)
+    restrict_to_replies(twig, processor, conversations, 3)
+    small = twig.draft_vocab.tolist()
+    held = [encode(processor, c) for c in conversations[:2]]
+    report = extend_to_replies(model, twig, processor, conversations, 8, held)
+    wide = twig.draft_vocab.tolist()
+    assert wide[:3] == small and len(wide) == report["size"] == twig.head.out_features
+    labels = torch.cat([encode(processor, c).labels for c in conversations])
+    counts = Counter(labels[labels != IGNORE].tolist())
+    seen = [t for t in sorted(counts, key=lambda t: (-counts[t], t)) if t not in small]
+    unseen = [t for t in range(twig.vocab_size) if t not in counts and t not in small]
+    assert wide[3:] == (seen + unseen)[:5]  # the most frequent missing ones, then unseen ones by id
+    assert (
+        report["coverage"] >= report["coverage_before"]
+        and report["heldout_coverage"] >= report["heldout_coverage_before"]
+    )
+    rows = compare(model, twig, tokenizer, PROMPTS, [1, 3], max_new_tokens=12, label="widened vocab")
     assert all(r["identical"] for r in rows)
 
 
@@ -225,21 +252,24 @@ def test_training_mode_goes_on_from_a_saved_twig_with_base_features(tmp_path, ca
             lines = [{"input": [{"role": "user", "content": f"Please say {w} about {name} now."}]} for w in "xyz"]
             z.writestr(f"evals/registry/data/{name}/s.jsonl", "\n".join(json.dumps(r) for r in lines))
     evals = ["--evals-prompts", "2", "--wheel-dir", str(wheel_dir)]
-    argv = [*common, "--out", str(first), "--steps", "1", "--K", "2", "--T", "1", "--draft-vocab", "16", *evals]
+    argv = [*common, "--out", str(first), "--steps", "1", "--K", "2", "--T", "1", "--draft-vocab", "8", *evals]
     assert main(argv) == 0
     replies = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
     assert sum(r["source"] == "openai-evals" for r in replies) == 4  # 2 per eval, before the 10 others
     assert len(replies) == 14
     second = tmp_path / "second"
     argv = [*common, "--out", str(second), "--steps", "2", "--data-only", "--init-twig", str(first / "twig")]
+    argv += ["--draft-vocab", "20"]  # wider than the first twig's 8: its head gains the replies' next tokens
     with pytest.raises(SystemExit) as bad:  # every position without features would train nothing new
         main([*argv, "--base-features", "--feature-drop", "1.0"])
     assert bad.value.code == 2
     assert main([*argv, "--base-features", "--feature-drop", "0.5"]) == 0
     config = json.loads((second / "twig" / "twig.json").read_text())
     report = json.loads((second / "twig" / "training_report.json").read_text())
-    # K, T and the draft vocabulary come from the first twig; the feature input is new and trained.
-    assert config["base_features"] is True and config["draft_vocab"] == 16 and (config["K"], config["T"]) == (2, 1)
+    # K, T and the first 8 draft tokens come from the first twig; the feature input is new and trained.
+    widened = report["draft_vocab"]
+    assert widened["extended_from"] == 8 and widened["size"] == 20 == config["draft_vocab"]
+    assert config["base_features"] is True and (config["K"], config["T"]) == (2, 1)
     assert report["init_twig"] == str(first / "twig") and report["feature_drop"] == 0.5
     assert set(report["agreement"]["trained"]) == {"with_base_features", "without"}
     twig = load_twig(second / "twig", model)

@@ -15,7 +15,7 @@ from operators.decoding import speculative as spec
 from operators.decoding.sampling import Sampler
 from operators.decoding.speculative import rejection_sample
 from operators.language_model import text_model
-from operators.twig import grow_twig, load_twig, restrict_vocab, save_twig
+from operators.twig import extend_vocab, grow_twig, load_twig, restrict_vocab, save_twig
 from tests.test_speculative import assert_same, batch_inputs, chi_square_two_sample, reference, speculative
 from tests.test_twig import small_demo_model  # noqa: F401  (a fixture)
 from training.draft_vocab import choose_draft_vocab, count_tokens, coverage, coverage_curve
@@ -66,6 +66,30 @@ def test_a_restricted_twig_saves_and_loads_and_an_old_one_still_loads(tiny, tmp_
     old = load_twig(tmp_path / "full", model)
     assert old.draft_vocab is None and old.head.out_features == vocab_size(model)
     assert "draft_vocab" not in old.state_dict()
+
+
+def test_a_widened_head_keeps_its_trained_rows_and_adds_the_base_heads(tiny, tmp_path):
+    model, _ = tiny("llava")
+    twig = restrict_vocab(grow_twig(model, K=1, T=1), torch.tensor([9, 2, 30]))
+    with torch.no_grad():
+        twig.head.weight.add_(1.0)  # "trained": these rows now differ from the base head's
+    trained = twig.head.weight.detach().clone()
+    extend_vocab(twig, model.lm_head, torch.tensor([5, 41]))
+    assert twig.draft_vocab.tolist() == [9, 2, 30, 5, 41] and twig.head.out_features == 5
+    torch.testing.assert_close(twig.head.weight[:3], trained)
+    torch.testing.assert_close(twig.head.weight[3:], model.lm_head.weight[[5, 41]])
+    assert twig.full_ids(torch.tensor([3, 4, 0])).tolist() == [5, 41, 9]
+    assert twig.draft_index(torch.tensor([41, 7])).tolist() == [4, -1]
+    save_twig(twig, tmp_path / "wide", model)
+    loaded = load_twig(tmp_path / "wide", model)
+    assert loaded.draft_vocab.tolist() == [9, 2, 30, 5, 41]
+    torch.testing.assert_close(loaded.head.weight, twig.head.weight)
+    with pytest.raises(ValueError, match="already in the draft"):
+        extend_vocab(twig, model.lm_head, torch.tensor([2, 6]))
+    with pytest.raises(ValueError, match="distinct"):
+        extend_vocab(twig, model.lm_head, torch.tensor([6, 6]))
+    with pytest.raises(ValueError, match="full vocabulary"):
+        extend_vocab(grow_twig(model, K=1, T=1), model.lm_head, torch.tensor([6]))
 
 
 def test_frequency_table_picks_the_most_frequent_ids_and_keeps_eos():
