@@ -70,6 +70,9 @@ def test_a_restricted_twig_saves_and_loads_and_an_old_one_still_loads(tiny, tmp_
 
 def test_a_widened_head_keeps_its_trained_rows_and_adds_the_base_heads(tiny, tmp_path):
     model, _ = tiny("llava")
+    untrained = restrict_vocab(grow_twig(model, K=1, T=1), torch.tensor([9, 2, 30]))
+    extend_vocab(untrained, model.lm_head, torch.tensor([5, 41]))  # rows as the base's: the new ones too
+    torch.testing.assert_close(untrained.head.weight, model.lm_head.weight[[9, 2, 30, 5, 41]])
     twig = restrict_vocab(grow_twig(model, K=1, T=1), torch.tensor([9, 2, 30]))
     with torch.no_grad():
         twig.head.weight.add_(1.0)  # "trained": these rows now differ from the base head's
@@ -77,7 +80,7 @@ def test_a_widened_head_keeps_its_trained_rows_and_adds_the_base_heads(tiny, tmp
     extend_vocab(twig, model.lm_head, torch.tensor([5, 41]))
     assert twig.draft_vocab.tolist() == [9, 2, 30, 5, 41] and twig.head.out_features == 5
     torch.testing.assert_close(twig.head.weight[:3], trained)
-    torch.testing.assert_close(twig.head.weight[3:], model.lm_head.weight[[5, 41]])
+    assert not torch.allclose(twig.head.weight[3:], model.lm_head.weight[[5, 41]])  # taken through the drift
     assert twig.full_ids(torch.tensor([3, 4, 0])).tolist() == [5, 41, 9]
     assert twig.draft_index(torch.tensor([41, 7])).tolist() == [4, -1]
     save_twig(twig, tmp_path / "wide", model)
@@ -90,6 +93,22 @@ def test_a_widened_head_keeps_its_trained_rows_and_adds_the_base_heads(tiny, tmp
         extend_vocab(twig, model.lm_head, torch.tensor([6, 6]))
     with pytest.raises(ValueError, match="full vocabulary"):
         extend_vocab(grow_twig(model, K=1, T=1), model.lm_head, torch.tensor([6]))
+
+
+def test_widened_rows_follow_the_drift_of_the_trained_head_from_the_base_head(tiny):
+    """A trained head's rows are the base's through some map (here a random one, over more rows than the
+    hidden size, so the map is determined): the added rows go through the same map, so they score the
+    twig's states as the trained rows do instead of outscoring them with the base's scale."""
+    model, _ = tiny("llava")
+    base = model.lm_head.weight.detach()
+    kept, added = torch.arange(0, 200, 2), torch.tensor([1, 7, 101, 255])
+    drift = torch.randn(base.shape[1], base.shape[1], generator=torch.Generator().manual_seed(0)) / 4
+    twig = restrict_vocab(grow_twig(model, K=1, T=1), kept)
+    with torch.no_grad():
+        twig.head.weight.copy_(base[kept] @ drift)
+    extend_vocab(twig, model.lm_head, added)
+    torch.testing.assert_close(twig.head.weight[len(kept) :], base[added] @ drift, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(twig.head.weight[: len(kept)], base[kept] @ drift)
 
 
 def test_frequency_table_picks_the_most_frequent_ids_and_keeps_eos():
