@@ -67,9 +67,8 @@ results = {}
 for n in [4096, *sizes]:
     twig = load_twig("models/smollm2-twig", model)
     info = extend_to_replies(model, twig, processor, train, n, held) if n > 4096 else {"size": 4096}
-    if args.steps and not (
-        n == 4096 and args.no_control
-    ):  # as bench_twig_lm trains: distilled, cosine schedule with warm-up
+    trained = args.steps and not (n == 4096 and args.no_control)
+    if trained:  # as bench_twig_lm trains: distilled, cosine schedule with warm-up
         cfg = TwigTrainConfig(
             K=twig.K, T=twig.T, steps=args.steps, lr=args.lr, warmup=max(1, min(50, args.steps // 10)), distill=1.0
         )
@@ -81,7 +80,7 @@ for n in [4096, *sizes]:
     row["outside"] = round(sum(x >= 10**6 for x in r) / len(r), 4)
     results[n] = {
         "ranks_summary": row,
-        "steps": args.steps,
+        "steps": args.steps if trained else 0,
         "vocab": {k: v for k, v in info.items() if k != "coverage_curve"},
         "ranks": r,
     }
